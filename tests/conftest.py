@@ -1,0 +1,15 @@
+"""Shared pytest fixtures."""
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_BIDS = REPO_ROOT.parent / "shared" / "data" / "ds002748"
+
+
+@pytest.fixture(scope="session")
+def real_bids_dir():
+    """The real T1w dataset shipped beside the repository (skip when absent)."""
+    if not (REAL_BIDS / "dataset_description.json").exists():
+        pytest.skip(f"real dataset not found at {REAL_BIDS}")
+    return REAL_BIDS
