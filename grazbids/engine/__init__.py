@@ -1,0 +1,24 @@
+"""The Graz+ engine: model, z+ LRP, training modes, trainer, model bundles.
+
+Usable from Python without the BIDS layer::
+
+    from grazbids.engine import Architecture, build_model, zplus_heatmap
+"""
+from .bundle import ModelBundleError, load_bundle, read_card, save_bundle
+from .data import balanced_accuracy, class_weights, encode_labels, participant_folds
+from .device import resolve_device
+from .losses import MODES, compute_loss
+from .lrp import masked_relevance, start_relevance, zplus_heatmap
+from .model import Architecture, GrazPlusNet, build_model
+from .normalize import IntensityNormalisation
+from .trainer import FitResult, Trainer, TrainingData, TrainSettings
+
+__all__ = [
+    "Architecture", "GrazPlusNet", "build_model",
+    "zplus_heatmap", "masked_relevance", "start_relevance",
+    "MODES", "compute_loss",
+    "Trainer", "TrainSettings", "TrainingData", "FitResult",
+    "save_bundle", "load_bundle", "read_card", "ModelBundleError",
+    "IntensityNormalisation", "encode_labels", "class_weights", "participant_folds",
+    "balanced_accuracy", "resolve_device",
+]

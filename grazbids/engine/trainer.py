@@ -1,0 +1,293 @@
+"""Training loop: Adam, gradient accumulation, class weights, per-epoch log, checkpoints.
+
+Epoch selection rule (documented in docs/engine.md): the epoch with the best
+validation balanced accuracy; ties go to the higher validation relevance fraction
+inside the mask, then to the later epoch. Without a validation set: the last epoch.
+
+Checkpoints are single safetensors files (weights, Adam state and a JSON header), so
+resuming never unpickles anything and an interrupted run continues bit-identically:
+the shuffling order of each epoch depends only on (seed, epoch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..utils.atomic import atomic_path, write_text
+from .data import balanced_accuracy, class_weights
+from .device import resolve_device
+from .losses import check_mode, compute_loss
+from .model import Architecture, GrazPlusNet, build_model
+
+LOG = logging.getLogger("grazbids.engine")
+
+HISTORY_COLUMNS = (
+    "epoch",
+    "train_loss", "train_ce", "train_relevance_inside", "train_balanced_accuracy",
+    "val_loss", "val_ce", "val_relevance_inside", "val_balanced_accuracy",
+)
+
+
+@dataclass
+class TrainSettings:
+    mode: str = "grazplus"
+    epochs: int = 60
+    batch_size: int = 2
+    accumulation_steps: int = 4  # effective batch = batch_size * accumulation_steps
+    learning_rate: float = 1e-4
+    relevance_weight: float = 1.0
+    seed: int = 42
+    device: str = "auto"
+    compile: bool = False  # torch.compile the loss (faster; falls back to eager on failure)
+    progress: bool = True
+
+    def fingerprint(self, train_index: np.ndarray) -> str:
+        """What must match for a checkpoint to be resumable (everything but epochs/progress)."""
+        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device", "compile")}
+        keys["train_index"] = np.asarray(train_index).tolist()
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainingData:
+    """Images and masks as (N, 1, D, H, W) float32 tensors, labels as (N,) int64."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    n_classes: int
+
+    def __post_init__(self):
+        if self.images.shape != self.masks.shape:
+            raise ValueError(f"images {tuple(self.images.shape)} and masks {tuple(self.masks.shape)} differ")
+        if self.images.dim() != 5 or self.images.shape[1] != 1:
+            raise ValueError(f"images must be (N, 1, D, H, W), got {tuple(self.images.shape)}")
+        if (self.images < 0).any():
+            raise ValueError("z+ LRP needs non-negative inputs: normalise images first")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class FitResult:
+    model: GrazPlusNet
+    history: list[dict]
+    selected_epoch: int
+    val_probabilities: np.ndarray | None  # (n_val, n_classes) at the selected epoch
+    val_relevance_inside: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _batches(index: np.ndarray, size: int):
+    for start in range(0, len(index), size):
+        yield index[start:start + size]
+
+
+def _epoch_order(train_index: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return train_index[torch.randperm(len(train_index), generator=generator).numpy()]
+
+
+def _is_better(candidate: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    # (balanced accuracy, relevance fraction); ">=" gives ties to the later epoch
+    if best is None:
+        return True
+    fix = [(-1.0 if math.isnan(v) else v) for v in (*candidate, *best)]
+    return (fix[0], fix[1]) >= (fix[2], fix[3])
+
+
+class Trainer:
+    """Trains one model on ``data[train_index]``, validating on ``data[val_index]``."""
+
+    def __init__(self, arch: Architecture, settings: TrainSettings, workdir: str | Path | None = None, name: str = "train"):
+        check_mode(settings.mode)
+        self.arch = arch
+        self.settings = settings
+        self.workdir = Path(workdir) if workdir else None
+        self.name = name
+        self.device = resolve_device(settings.device)
+
+    # ---- checkpoints -------------------------------------------------------------
+    def _checkpoint_path(self) -> Path | None:
+        return self.workdir / "checkpoint.safetensors" if self.workdir else None
+
+    def _save_checkpoint(self, model, optimiser, header: dict) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        opt_state = optimiser.state_dict()
+        for index, state in opt_state["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        header = {**header, "param_groups": opt_state["param_groups"]}
+        with atomic_path(self._checkpoint_path(), suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"header": json.dumps(header)})
+
+    def _load_checkpoint(self, model, optimiser, fingerprint: str) -> dict | None:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            header = json.loads(handle.metadata()["header"])
+        if header.get("fingerprint") != fingerprint:
+            LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", self.name, path)
+            return None
+        tensors = load_file(str(path))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        LOG.info("%s: resuming after epoch %d from %s", self.name, header["epoch"], path)
+        return header
+
+    # ---- one pass ----------------------------------------------------------------
+    def _loss_function(self, model):
+        s = self.settings
+
+        def loss(x, mask, y, w):
+            out = compute_loss(model, x, mask, y, w, s.mode, s.relevance_weight)
+            return out.loss, out.logits, out.ce, out.relevance_inside, out.relevance_total
+
+        if not s.compile:
+            return loss
+        compiled = torch.compile(loss)
+
+        def guarded(*args):
+            nonlocal compiled
+            if compiled is not None:
+                try:
+                    return compiled(*args)
+                except Exception as err:  # no compiler in the image, unsupported op, ...
+                    LOG.warning("torch.compile failed (%s); continuing without it", str(err).splitlines()[0][:200])
+                    compiled = None
+            return loss(*args)
+
+        return guarded
+
+    def _run_epoch(self, model, optimiser, loss_fn, data, index, weights, train: bool, desc: str):
+        s = self.settings
+        model.train(train)
+        stats = {"loss": 0.0, "ce": 0.0, "fraction": [], "pred": [], "true": [], "prob": [], "inside": []}
+        micro = list(_batches(index, s.batch_size))
+        bar = tqdm(micro, desc=desc, leave=False, disable=not s.progress, unit="batch")
+        for step, batch in enumerate(bar):
+            x = data.images[batch].to(self.device)
+            m = data.masks[batch].to(self.device)
+            y = data.labels[batch].to(self.device)
+            w = weights[y]
+            with torch.set_grad_enabled(train):
+                loss, logits, ce, inside, total = loss_fn(x, m, y, w)
+            if train:
+                group_start = step - step % s.accumulation_steps
+                group_size = min(s.accumulation_steps, len(micro) - group_start)
+                (loss / group_size).backward()
+                if step - group_start == group_size - 1:
+                    optimiser.step()
+                    optimiser.zero_grad(set_to_none=True)
+                    model.project_biases_()
+            n = len(batch)
+            stats["loss"] += float(loss.detach()) * n
+            stats["ce"] += float(ce.sum())
+            inside_d, total_d = inside.detach(), total.detach()
+            stats["fraction"] += (inside_d / total_d.clamp_min(1e-12)).cpu().tolist()
+            stats["inside"] += inside_d.cpu().tolist()
+            probs = torch.softmax(logits.detach(), dim=1).cpu()
+            stats["prob"].append(probs.numpy())
+            stats["pred"] += probs.argmax(1).tolist()
+            stats["true"] += y.cpu().tolist()
+        n = max(len(index), 1)
+        return {
+            "loss": stats["loss"] / n,
+            "ce": stats["ce"] / n,
+            "relevance_inside": float(np.mean(stats["fraction"])) if stats["fraction"] else float("nan"),
+            "balanced_accuracy": balanced_accuracy(np.array(stats["true"]), np.array(stats["pred"]), data.n_classes),
+            "probabilities": np.concatenate(stats["prob"]) if stats["prob"] else np.zeros((0, data.n_classes)),
+            "inside": np.array(stats["inside"]),
+        }
+
+    # ---- public ------------------------------------------------------------------
+    def fit(self, data: TrainingData, train_index, val_index=None) -> FitResult:
+        s = self.settings
+        train_index = np.asarray(train_index)
+        val_index = np.asarray(val_index) if val_index is not None and len(val_index) else None
+        torch.manual_seed(s.seed)
+        model = build_model(self.arch).to(self.device)
+        optimiser = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
+        weights = torch.as_tensor(class_weights(data.labels[train_index].numpy(), data.n_classes), device=self.device)
+        loss_fn = self._loss_function(model)
+        fingerprint = s.fingerprint(train_index)
+
+        header = self._load_checkpoint(model, optimiser, fingerprint)
+        history = header["history"] if header else []
+        best = header["best"] if header else None  # {"epoch", "score": [ba, rel]}
+        start = header["epoch"] + 1 if header else 1
+        if self.workdir:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+        for epoch in range(start, s.epochs + 1):
+            desc = f"{self.name} epoch {epoch}/{s.epochs}"
+            train = self._run_epoch(model, optimiser, loss_fn, data, _epoch_order(train_index, s.seed, epoch), weights, True, desc)
+            row = {"epoch": epoch, **{f"train_{k}": train[k] for k in ("loss", "ce", "relevance_inside", "balanced_accuracy")}}
+            if val_index is not None:
+                val = self._run_epoch(model, optimiser, loss_fn, data, val_index, weights, False, desc + " (val)")
+                row.update({f"val_{k}": val[k] for k in ("loss", "ce", "relevance_inside", "balanced_accuracy")})
+                score = (val["balanced_accuracy"], val["relevance_inside"])
+                if _is_better(score, tuple(best["score"]) if best else None):
+                    best = {"epoch": epoch, "score": list(score)}
+                    self._save_selected(model, val)
+            history.append(row)
+            LOG.info("%s epoch %d/%d: %s", self.name, epoch, s.epochs,
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+            if self.workdir:
+                self._save_checkpoint(model, optimiser, {"epoch": epoch, "history": history, "best": best, "fingerprint": fingerprint})
+                write_history(self.workdir / "history.tsv", history)
+
+        selected, val_probs, val_inside = s.epochs, None, None
+        if val_index is not None and best is not None:
+            selected = best["epoch"]
+            if self.workdir:
+                tensors = load_file(str(self.workdir / "selected.safetensors"))
+            else:
+                tensors = self._selected
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            val_probs = tensors["val.probabilities"].numpy()
+            val_inside = tensors["val.inside"].numpy()
+        model.eval()
+        return FitResult(model.cpu(), history, selected, val_probs, val_inside)
+
+    def _save_selected(self, model, val: dict) -> None:
+        tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        tensors["val.probabilities"] = torch.as_tensor(val["probabilities"], dtype=torch.float32)
+        tensors["val.inside"] = torch.as_tensor(val["inside"], dtype=torch.float32)
+        if self.workdir:
+            with atomic_path(self.workdir / "selected.safetensors", suffix=".safetensors") as tmp:
+                save_file(tensors, str(tmp))
+        else:
+            self._selected = tensors
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    columns = [c for c in HISTORY_COLUMNS if any(c in row for row in history)]
+    lines = ["\t".join(columns)]
+    for row in history:
+        lines.append("\t".join(_fmt(row.get(c, float("nan"))) for c in columns))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"

@@ -1,0 +1,106 @@
+"""Trainer: determinism, resume, logging, and the Graz+ effect on a shortcut task."""
+import numpy as np
+import pytest
+import torch
+
+from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings, masked_relevance
+from engine_helpers import shortcut_task
+
+ARCH = Architecture((16, 16, 16), n_blocks=2, channels=4)
+
+
+def _data(n=24, seed=0):
+    x, m, y = shortcut_task(n=n, correlation=0.9, seed=seed)
+    return TrainingData(x, m, y, 2)
+
+
+def _settings(**kw):
+    base = dict(mode="grazplus", epochs=3, batch_size=2, accumulation_steps=2, learning_rate=1e-3, progress=False)
+    return TrainSettings(**{**base, **kw})
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_gives_bit_identical_weights():
+    data = _data()
+    a = Trainer(ARCH, _settings()).fit(data, np.arange(16), np.arange(16, 24))
+    b = Trainer(ARCH, _settings()).fit(data, np.arange(16), np.arange(16, 24))
+    for k, v in _weights(a.model).items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    c = Trainer(ARCH, _settings(seed=7)).fit(data, np.arange(16), np.arange(16, 24))
+    assert not torch.equal(c.model.dense[1].weight, a.model.dense[1].weight)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    data = _data()
+    train, val = np.arange(16), np.arange(16, 24)
+    full = Trainer(ARCH, _settings(epochs=4), tmp_path / "full").fit(data, train, val)
+    # an "interrupted" run: it stopped after epoch 2, then the same command runs again
+    Trainer(ARCH, _settings(epochs=2), tmp_path / "resumed").fit(data, train, val)
+    resumed = Trainer(ARCH, _settings(epochs=4), tmp_path / "resumed").fit(data, train, val)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history == full.history
+    assert resumed.selected_epoch == full.selected_epoch
+    for k, v in _weights(full.model).items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    np.testing.assert_array_equal(full.val_probabilities, resumed.val_probabilities)
+
+
+def test_checkpoint_with_other_settings_is_not_reused(tmp_path, caplog):
+    data = _data()
+    Trainer(ARCH, _settings(epochs=1), tmp_path).fit(data, np.arange(16), np.arange(16, 24))
+    with caplog.at_level("WARNING"):
+        result = Trainer(ARCH, _settings(epochs=1, learning_rate=5e-4), tmp_path).fit(data, np.arange(16), np.arange(16, 24))
+    assert "other settings" in caplog.text
+    assert len(result.history) == 1
+
+
+def test_log_checkpoint_and_constraints(tmp_path):
+    data = _data()
+    result = Trainer(ARCH, _settings(mode="plain", epochs=2), tmp_path).fit(data, np.arange(16), np.arange(16, 24))
+    lines = (tmp_path / "history.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == [
+        "epoch", "train_loss", "train_ce", "train_relevance_inside", "train_balanced_accuracy",
+        "val_loss", "val_ce", "val_relevance_inside", "val_balanced_accuracy",
+    ]
+    assert len(lines) == 3
+    assert (tmp_path / "checkpoint.safetensors").exists()
+    for layer in result.model.lrp_layers():
+        assert (layer.bias <= 0).all()
+    assert result.val_probabilities.shape == (8, 2)
+    np.testing.assert_allclose(result.val_probabilities.sum(1), 1, rtol=1e-5)
+
+
+def test_selected_epoch_rule():
+    from grazbids.engine.trainer import _is_better
+
+    assert _is_better((0.8, 0.5), (0.7, 0.9))
+    assert _is_better((0.8, 0.9), (0.8, 0.5)), "relevance breaks accuracy ties"
+    assert _is_better((0.8, 0.5), (0.8, 0.5)), "full ties go to the later epoch"
+    assert not _is_better((0.7, 1.0), (0.8, 0.1))
+
+
+def test_grazplus_moves_relevance_into_the_mask():
+    """Label = blob inside the mask; a background block agrees with the label in training."""
+    x, m, y = shortcut_task(n=48, correlation=1.0, seed=0)
+    xt, mt, yt = shortcut_task(n=24, correlation=0.5, seed=1)
+    data = TrainingData(torch.cat([x, xt]), torch.cat([m, mt]), torch.cat([y, yt]), 2)
+    fraction = {}
+    for mode in ("plain", "grazplus"):
+        settings = _settings(mode=mode, epochs=20, batch_size=4, accumulation_steps=1)
+        model = Trainer(ARCH, settings).fit(data, np.arange(48), np.arange(48, 72)).model
+        with torch.no_grad():
+            _, inside, total = masked_relevance(model, xt, mt)
+        fraction[mode] = float((inside / total).mean())
+    assert fraction["grazplus"] > 0.98
+    assert (1 - fraction["grazplus"]) < 0.5 * (1 - fraction["plain"]), fraction
+
+
+def test_training_data_checks():
+    x = torch.rand(2, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="non-negative"):
+        TrainingData(x - 1, torch.ones_like(x), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="differ"):
+        TrainingData(x, torch.ones(2, 1, 4, 4, 5), torch.tensor([0, 1]), 2)
