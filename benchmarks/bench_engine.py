@@ -1,0 +1,192 @@
+"""Speed and memory of the Graz+ engine, measured side by side in one run.
+
+    python benchmarks/bench_engine.py [--device cpu|cuda] [--repeats 5] [--skip-1mm]
+
+Same model (Graz+ architecture) and batch (2 mm template grid 97x115x97, batch 2) for:
+  plain      one Adam step on cross-entropy (the reference)
+  grazplus   one Adam step on CE - sum(mask * R), our forward masked-relevance sweep
+  naive      the same loss with z+ written through autograd.grad(create_graph=True)
+  heatmap    the full z+ map under torch.inference_mode
+and, when torch.compile works here, the plain and Graz+ steps compiled. Peak memory of
+one Graz+ step at 1 mm (197x233x189, batch 1) is measured in a fresh subprocess.
+Times are the minimum over repeats (the machine is noisy); the ratios are what matter.
+The last line is a JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from grazbids.engine import Architecture, build_model, masked_relevance, zplus_heatmap
+from grazbids.engine.lrp import start_relevance
+
+GRID_2MM = (97, 115, 97)
+GRID_1MM = (197, 233, 189)
+
+
+def naive_masked_relevance(model, x, mask):
+    """z+ LRP by the gradient trick: c = d(z+ . s)/da, kept differentiable via create_graph."""
+    layers = model.lrp_layers()
+    inputs, a = [], x.requires_grad_(True) if not x.requires_grad else x
+    for i, layer in enumerate(layers):
+        if isinstance(layer, torch.nn.Linear) and a.dim() > 2:
+            a = a.flatten(1)
+        inputs.append(a)
+        a = layer(a)
+        a = torch.relu(a) if i < len(layers) - 1 else a
+    logits = a
+    relevance = start_relevance(logits)
+    for layer, a in zip(reversed(layers), reversed(inputs)):
+        wp = layer.weight.clamp(min=0)
+        if isinstance(layer, torch.nn.Conv3d):
+            z = F.conv3d(a, wp, None, layer.stride, layer.padding)
+        else:
+            z = F.linear(a, wp)
+        relevance = relevance.reshape(z.shape)
+        s = relevance / (z + (z == 0).to(z.dtype))
+        (c,) = torch.autograd.grad(z, a, grad_outputs=s, create_graph=True)
+        relevance = a * c
+    return logits, (relevance.reshape(x.shape) * mask).sum(dim=(1, 2, 3, 4))
+
+
+def make_steps(model, x, mask, y, compile_fns=False):
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def plain_loss(x, mask, y):
+        return F.cross_entropy(model(x), y)
+
+    def graz_loss(x, mask, y):
+        logits, inside, _ = masked_relevance(model, x, mask)
+        return F.cross_entropy(logits, y) - inside.mean()
+
+    def naive_loss(x, mask, y):
+        logits, inside = naive_masked_relevance(model, x.clone(), mask)
+        return F.cross_entropy(logits, y) - inside.mean()
+
+    def step(loss_fn):
+        def run():
+            optimiser.zero_grad(set_to_none=True)
+            loss_fn(x, mask, y).backward()
+            optimiser.step()
+            model.project_biases_()
+        return run
+
+    def heatmap():
+        with torch.inference_mode():
+            zplus_heatmap(model, x)
+
+    steps = {"plain": step(plain_loss), "grazplus": step(graz_loss), "naive": step(naive_loss), "heatmap": heatmap}
+    if compile_fns:
+        steps["plain_compiled"] = step(torch.compile(plain_loss))
+        steps["grazplus_compiled"] = step(torch.compile(graz_loss))
+    return steps
+
+
+def timed(fn, repeats, sync):
+    fn()  # warm-up (and compilation)
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_memory_1mm(device: str) -> float:
+    """Peak memory (MB) of one Graz+ training step at 1 mm, batch 1, in a fresh process."""
+    code = f"""
+import torch, torch.nn.functional as F
+from grazbids.engine import Architecture, build_model, masked_relevance
+def hwm():  # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's)
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))
+    return int(line.split()[1]) / 1024
+dev = torch.device({device!r})
+model = build_model(Architecture({GRID_1MM!r})).to(dev)
+opt = torch.optim.Adam(model.parameters(), 1e-4)
+x = torch.rand(1, 1, *{GRID_1MM!r}, device=dev); m = (x > 0.3).float(); y = torch.tensor([1], device=dev)
+base = hwm()
+logits, inside, _ = masked_relevance(model, x, m)
+(F.cross_entropy(logits, y) - inside.mean()).backward(); opt.step()
+if dev.type == 'cuda':
+    torch.cuda.synchronize(); print(torch.cuda.max_memory_allocated() / 2**20, base)
+else:
+    print(hwm(), base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak, base = (float(v) for v in out.stdout.split())
+    return peak, base
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-1mm", action="store_true", help="skip the 1 mm peak-memory measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = build_model(Architecture(GRID_2MM)).to(device)
+    x = torch.rand(2, 1, *GRID_2MM, device=device)
+    mask = (torch.rand_like(x) > 0.3).float()
+    y = torch.tensor([0, 1], device=device)
+
+    # the naive formulation must agree with ours before its time means anything
+    with torch.no_grad():
+        ours = masked_relevance(model, x, mask)[1]
+    theirs = naive_masked_relevance(model, x.clone(), mask)[1].detach()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+    results = {}
+    compile_ok = not args.no_compile
+    steps = make_steps(model, x, mask, y, compile_fns=compile_ok)
+    for name, fn in steps.items():
+        try:
+            results[name] = timed(fn, args.repeats, sync)
+        except Exception as err:  # e.g. no C++ compiler for torch.compile
+            print(f"{name}: failed ({str(err).splitlines()[0][:120]})", file=sys.stderr)
+    plain = results["plain"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+    print(f"grid {GRID_2MM}, batch 2, Graz+ architecture; min of {args.repeats} repeats")
+    for name, seconds in results.items():
+        print(f"  {name:<18} {seconds:8.3f} s   {seconds / plain:5.2f}x plain")
+    summary = {
+        "device": str(device),
+        "plain_step_s": round(plain, 4),
+        "grazplus_step_s": round(results["grazplus"], 4),
+        "step_ratio": round(results["grazplus"] / plain, 3),
+        "naive_step_ratio": round(results["naive"] / plain, 3),
+        "heatmap_s": round(results["heatmap"], 4),
+        "heatmap_ratio": round(results["heatmap"] / plain, 3),
+    }
+    if "grazplus_compiled" in results:
+        summary["grazplus_compiled_step_s"] = round(results["grazplus_compiled"], 4)
+        summary["compiled_step_ratio"] = round(results["grazplus_compiled"] / plain, 3)
+        summary["compiled_step_ratio_vs_compiled_plain"] = round(results["grazplus_compiled"] / results["plain_compiled"], 3)
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if not args.skip_1mm:
+        peak, base = peak_memory_1mm(args.device)
+        key = "peak_gpu_mb_1mm" if device.type == "cuda" else "peak_rss_mb_1mm"
+        summary[key] = round(peak, 1)
+        summary["rss_before_step_mb_1mm"] = round(base, 1)
+        print(f"one Graz+ step at 1 mm {GRID_1MM}, batch 1: peak {peak:.0f} MB (process before the step: {base:.0f} MB)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Group level: Graz+ training with participant-wise cross-validation on preprocessed data.
+
+For each mode: k-fold CV split by participant (metrics, out-of-fold predictions and
+out-of-fold heat maps), then a final model trained on every participant for the median
+of the epochs the folds selected; it is written as a model bundle whose card records
+the CV scores. Outputs go to ``output_dir/group/mode-<mode>/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .engine import (
+    Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings, balanced_accuracy,
+    encode_labels, participant_folds, save_bundle, zplus_heatmap,
+)
+from .utils.atomic import atomic_path, write_json, write_text
+
+LOG = logging.getLogger("grazbids.group")
+NORMALISATION = IntensityNormalisation()
+
+
+class GroupInputError(ValueError):
+    """Unusable group-level input (the message names the file and the problem)."""
+
+
+@dataclass
+class Sample:
+    participant: str
+    session: str | None
+    image: Path
+    mask: Path
+    label: str
+
+
+def _entity(name: str, key: str) -> str | None:
+    match = re.search(rf"(?:^|_){key}-([a-zA-Z0-9]+)", name)
+    return match.group(1) if match else None
+
+
+def read_targets(bids_dir: str | Path, target_column: str) -> dict[str, str]:
+    """participant label (without sub-) -> target value, n/a and empty values left out."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        raise GroupInputError(f"{path}: not found; the group level needs the target column {target_column!r} there")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if target_column not in table.columns:
+        raise GroupInputError(f"{path}: no column {target_column!r} (columns: {', '.join(table.columns)})")
+    targets = {}
+    for pid, value in zip(table["participant_id"], table[target_column]):
+        value = value.strip()
+        if value and value.lower() not in ("n/a", "nan"):
+            targets[pid.removeprefix("sub-")] = value
+    return targets
+
+
+def find_samples(
+    output_dir: str | Path, participants: list[str], targets: dict[str, str], template: str, resolution: int,
+    target_column: str = "target",
+) -> list[Sample]:
+    """Preprocessed T1w + brain mask in template space, one sample per session/run."""
+    samples = []
+    for participant in participants:
+        if participant not in targets:
+            LOG.warning("sub-%s: no %s value in participants.tsv; left out of training", participant, target_column)
+            continue
+        pattern = f"sub-{participant}*_space-{template}_res-{resolution}_desc-preproc_T1w.nii.gz"
+        for image in sorted(Path(output_dir, f"sub-{participant}").rglob(pattern)):
+            mask = image.with_name(image.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
+            if not mask.exists():
+                raise GroupInputError(f"{image}: brain mask {mask.name} is missing; rerun the participant level")
+            samples.append(Sample(participant, _entity(image.name, "ses"), image, mask, targets[participant]))
+    return samples
+
+
+def load_cohort(samples: list[Sample]) -> tuple[TrainingData, list[str], np.ndarray]:
+    labels, classes = encode_labels([s.label for s in samples])
+    if len(classes) < 2:
+        raise GroupInputError(f"the target has only one class ({classes}) among the selected participants")
+    images, masks, affine = [], [], None
+    for s in samples:
+        img = nb.load(str(s.image))
+        mask = (np.asanyarray(nb.load(str(s.mask)).dataobj) > 0.5).astype(np.float32)
+        images.append(NORMALISATION.apply(np.asanyarray(img.dataobj), mask))
+        masks.append(mask)
+        affine = img.affine if affine is None else affine
+    if len({im.shape for im in images}) != 1:
+        raise GroupInputError("preprocessed images have different grids; rerun the participant level with one --template/--resolution")
+    data = TrainingData(
+        torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks)[:, None]),
+        torch.from_numpy(labels), len(classes),
+    )
+    return data, classes, affine
+
+
+def _tsv(path: Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path, suffix=".tsv") as tmp:
+        frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6f")
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]", "", label) or "class"
+
+
+def _save_nifti(path: Path, data: np.ndarray, affine) -> None:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nb.save(nb.Nifti1Image(data.astype(np.float32), affine), str(tmp))
+
+
+def train_mode(
+    mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
+    cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
+    dataset_name: str,
+) -> dict:
+    arch = Architecture(tuple(data.images.shape[2:]), n_classes=len(classes))
+    settings = TrainSettings(mode=mode, epochs=epochs, seed=seed, device=device)
+    participants = [s.participant for s in samples]
+    folds = participant_folds(participants, data.labels.numpy(), cv_folds, seed)
+    oof_probs = np.full((len(samples), len(classes)), np.nan)
+    oof_fold = np.zeros(len(samples), dtype=int)
+    oof_inside = np.full(len(samples), np.nan)
+    heat_sum = np.zeros((len(classes), *arch.input_shape))
+    heat_n = np.zeros(len(classes))
+    fold_rows = []
+    for k, (train, val) in enumerate(folds, start=1):
+        LOG.info("mode %s: fold %d/%d (%d train, %d validation participants)", mode, k, cv_folds,
+                 len({participants[i] for i in train}), len({participants[i] for i in val}))
+        result = Trainer(arch, settings, work_dir / f"fold-{k}", name=f"{mode} fold {k}/{cv_folds}").fit(data, train, val)
+        oof_probs[val] = result.val_probabilities
+        oof_fold[val] = k
+        x = data.images[val] * (data.masks[val] if mode == "masked" else 1)
+        with torch.inference_mode():
+            relevance, _ = zplus_heatmap(result.model, x)
+        relevance = relevance[:, 0].numpy()
+        inside = (relevance * data.masks[val, 0].numpy()).sum(axis=(1, 2, 3)) / np.maximum(relevance.sum(axis=(1, 2, 3)), 1e-12)
+        oof_inside[val] = inside
+        for i, r in zip(val, relevance):
+            heat_sum[int(data.labels[i])] += r
+            heat_n[int(data.labels[i])] += 1
+        y_val = data.labels[val].numpy()
+        fold_rows.append({
+            "fold": k, "n_train": len(train), "n_validation": len(val), "selected_epoch": result.selected_epoch,
+            "balanced_accuracy": balanced_accuracy(y_val, result.val_probabilities.argmax(1), len(classes)),
+            "accuracy": float(np.mean(result.val_probabilities.argmax(1) == y_val)),
+            "relevance_inside_mask": float(np.mean(inside)),
+        })
+        write_text(out_dir / "history" / f"fold-{k}_history.tsv", (work_dir / f"fold-{k}" / "history.tsv").read_text())
+
+    folds_table = pd.DataFrame(fold_rows)
+    ba = folds_table["balanced_accuracy"].to_numpy()
+    y_all = data.labels.numpy()
+    cv_summary = {
+        "mode": mode, "folds": cv_folds, "target_column": target_column, "classes": classes,
+        "balanced_accuracy_mean": float(ba.mean()), "balanced_accuracy_sd": float(ba.std(ddof=1)) if len(ba) > 1 else 0.0,
+        "balanced_accuracy_min": float(ba.min()), "balanced_accuracy_max": float(ba.max()),
+        "pooled_oof_balanced_accuracy": balanced_accuracy(y_all, oof_probs.argmax(1), len(classes)),
+        "relevance_inside_mask_mean": float(np.nanmean(oof_inside)),
+        "per_fold": fold_rows,
+    }
+    _tsv(out_dir / "cv_metrics.tsv", folds_table)
+    write_json(out_dir / "cv_metrics.json", cv_summary)
+
+    oof = pd.DataFrame({
+        "participant_id": [f"sub-{p}" for p in participants],
+        "session_id": [f"ses-{s.session}" if s.session else "n/a" for s in samples],
+        "fold": oof_fold, "true_label": [s.label for s in samples],
+        "predicted_label": [classes[i] for i in oof_probs.argmax(1)],
+        **{f"probability_{_safe(c)}": oof_probs[:, j] for j, c in enumerate(classes)},
+        "relevance_inside_mask": oof_inside,
+    })
+    _tsv(out_dir / "oof_predictions.tsv", oof)
+    write_json(out_dir / "oof_predictions.json", {
+        "fold": {"Description": "cross-validation fold in which the participant was held out"},
+        "true_label": {"Description": f"value of {target_column} in participants.tsv"},
+        "predicted_label": {"Description": "class with the highest out-of-fold probability"},
+        **{f"probability_{_safe(c)}": {"Description": f"out-of-fold probability of class {c!r}"} for c in classes},
+        "relevance_inside_mask": {"Description": "fraction of z+ relevance inside the brain mask (out-of-fold model)"},
+    })
+    for j, c in enumerate(classes):
+        if heat_n[j]:
+            _save_nifti(out_dir / f"tpl-{template}_res-{resolution}_class-{_safe(c)}_desc-meanzplus_heatmap.nii.gz",
+                        heat_sum[j] / heat_n[j], affine)
+
+    final_epochs = int(np.median(folds_table["selected_epoch"]))
+    LOG.info("mode %s: final model on all %d samples for %d epochs (median selected epoch)", mode, len(samples), final_epochs)
+    final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device)
+    final = Trainer(arch, final_settings, work_dir / "final", name=f"{mode} final").fit(data, np.arange(len(samples)))
+    write_text(out_dir / "history" / "final_history.tsv", (work_dir / "final" / "history.tsv").read_text())
+    counts = {c: int((y_all == j).sum()) for j, c in enumerate(classes)}
+    card = {
+        "mode": mode,
+        "seed": seed,
+        "classes": classes,
+        "target_column": target_column,
+        "input": {
+            "template": template, "resolution": resolution, "grid_shape": list(arch.input_shape),
+            "intensity_normalisation": NORMALISATION.to_dict(), "mask": "brain mask in template space",
+            "preprocessing": "grazbids participant level (antspyx registration to the template)",
+        },
+        "training": {
+            "optimizer": "Adam", "learning_rate": final_settings.learning_rate, "epochs": final_epochs,
+            "batch_size": final_settings.batch_size, "accumulation_steps": final_settings.accumulation_steps,
+            "relevance_weight": final_settings.relevance_weight, "class_weights": "inverse frequency",
+            "epoch_rule": "median over CV folds of the epoch with the best validation balanced accuracy "
+                          "(ties: higher relevance inside the mask, then later epoch)",
+        },
+        "training_data": {
+            "dataset": dataset_name, "n_samples": len(samples), "n_participants": len(set(participants)),
+            "n_per_class": counts, "cv": {k: v for k, v in cv_summary.items() if k != "per_fold"},
+        },
+        "lrp": {"rule": "z+ in every layer (deep Taylor)", "start": "softmax vector"},
+        "created_by": f"grazbids {__version__}",
+    }
+    save_bundle(out_dir / "model", final.model, card)
+    return cv_summary
+
+
+def run_group_training(
+    *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
+    epochs: int, seed: int, device: str, template: str, resolution: int, work_dir,
+) -> dict:
+    output_dir, work_dir = Path(output_dir), Path(work_dir)
+    targets = read_targets(bids_dir, target_column)
+    samples = find_samples(output_dir, participants, targets, template, resolution, target_column)
+    if len({s.participant for s in samples}) < cv_folds:
+        raise GroupInputError(
+            f"only {len({s.participant for s in samples})} participants with preprocessed data and a {target_column!r} "
+            f"value; need at least --cv-folds={cv_folds}"
+        )
+    data, classes, affine = load_cohort(samples)
+    counts = {c: int((data.labels.numpy() == j).sum()) for j, c in enumerate(classes)}
+    LOG.info("group level: %d samples from %d participants, %s = %s", len(samples),
+             len({s.participant for s in samples}), target_column, counts)
+    try:
+        dataset_name = json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("Name", "")
+    except (OSError, json.JSONDecodeError):
+        dataset_name = ""
+    summaries = {}
+    for mode in modes:
+        summaries[mode] = train_mode(
+            mode, data, samples, classes, affine, out_dir=output_dir / "group" / f"mode-{mode}",
+            work_dir=work_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
+            template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
+        )
+    return summaries

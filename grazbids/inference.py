@@ -1,0 +1,58 @@
+"""Apply a trained model bundle to one preprocessed T1w: probabilities and z+ heat map."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import torch
+
+from .engine import IntensityNormalisation, ModelBundleError, load_bundle, resolve_device, zplus_heatmap
+
+
+@dataclass
+class Prediction:
+    classes: list[str]
+    probabilities: np.ndarray  # (n_classes,)
+    heatmap: np.ndarray  # relevance per voxel, template grid
+    affine: np.ndarray
+
+    @property
+    def predicted(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+
+def load_input(image_path: str | Path, mask_path: str | Path, card: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised image and mask as float32 arrays on the model's grid (checked)."""
+    image = nb.load(str(image_path))
+    mask = nb.load(str(mask_path))
+    expected = tuple(card["input"]["grid_shape"])
+    for img, path in ((image, image_path), (mask, mask_path)):
+        if tuple(img.shape[:3]) != expected or len(img.shape) != 3:
+            raise ModelBundleError(
+                f"{path}: grid {img.shape} does not match the model's input grid {expected} "
+                f"({card['input']['template']} res-{card['input']['resolution']}); preprocess with the same "
+                "--template and --resolution the model was trained with"
+            )
+    mask_data = (np.asanyarray(mask.dataobj) > 0.5).astype(np.float32)
+    norm = IntensityNormalisation.from_dict(card["input"]["intensity_normalisation"])
+    data = norm.apply(np.asanyarray(image.dataobj), mask_data)
+    return data, mask_data, image.affine
+
+
+def predict(model_dir: str | Path, image_path: str | Path, mask_path: str | Path, device: str = "auto", model=None) -> Prediction:
+    """Probabilities and the Graz+ z+ map (started from the softmax vector) of one image."""
+    dev = resolve_device(device)
+    if model is None:
+        model, card = load_bundle(model_dir, device=dev)
+    else:
+        model, card = model
+    data, mask, affine = load_input(image_path, mask_path, card)
+    x = torch.from_numpy(data)[None, None].to(dev)
+    if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
+        x = x * torch.from_numpy(mask)[None, None].to(dev)
+    with torch.inference_mode():
+        relevance, logits = zplus_heatmap(model, x, "softmax")
+    probs = torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float64)
+    return Prediction(list(card["classes"]), probs, relevance[0, 0].cpu().numpy(), affine)

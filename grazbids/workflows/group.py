@@ -1,0 +1,26 @@
+"""Group-level workflow: one training node over all participants' preprocessed outputs."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.model import GroupTraining
+
+
+def init_group_wf(
+    *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
+    epochs: int, seed: int, device: str, template: str, resolution: int, name: str = "group_wf",
+) -> pe.Workflow:
+    """``inputnode.ready`` is a barrier: connect the participant outputs so training waits."""
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["ready"]), name="inputnode")
+    train = pe.Node(
+        GroupTraining(
+            bids_dir=str(bids_dir), output_dir=str(output_dir), participants=list(participants),
+            target_column=target_column, modes=list(modes), cv_folds=cv_folds, epochs=epochs, seed=seed,
+            device=device, template=template, resolution=resolution,
+        ),
+        name="train",
+    )
+    workflow.connect(inputnode, "ready", train, "ready")
+    return workflow

@@ -1,0 +1,77 @@
+"""Group-level training on a tiny synthetic preprocessed cohort, then inference."""
+import json
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+import pytest
+
+from grazbids.engine import load_bundle
+from grazbids.group_training import GroupInputError, run_group_training
+from grazbids.inference import predict
+
+TPL, RES = "MNI152NLin2009aSym", 2
+
+
+def _cohort(tmp_path, n=8, shape=(16, 16, 16)):
+    bids, out = tmp_path / "bids", tmp_path / "out"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "toy", "BIDSVersion": "1.9.0"}))
+    rng = np.random.default_rng(0)
+    rows = []
+    mask = np.zeros(shape, np.float32)
+    mask[4:12, 4:12, 4:12] = 1
+    for i in range(n):
+        label = "m" if i % 2 else "f"
+        rows.append({"participant_id": f"sub-{i:02d}", "gender": label if i != n - 1 else "n/a"})
+        image = mask * rng.uniform(300, 500, shape)
+        if label == "m":
+            image[7:10, 7:10, 7:10] = 900
+        anat = out / f"sub-{i:02d}" / "anat"
+        anat.mkdir(parents=True)
+        stem = f"sub-{i:02d}_space-{TPL}_res-{RES}"
+        nb.save(nb.Nifti1Image(image.astype(np.float32), np.eye(4)), str(anat / f"{stem}_desc-preproc_T1w.nii.gz"))
+        nb.save(nb.Nifti1Image(mask.astype(np.uint8), np.eye(4)), str(anat / f"{stem}_desc-brain_mask.nii.gz"))
+    pd.DataFrame(rows).to_csv(bids / "participants.tsv", sep="\t", index=False)
+    return bids, out, [f"{i:02d}" for i in range(n)]
+
+
+def _run(bids, out, participants, tmp_path, **kw):
+    args = dict(bids_dir=bids, output_dir=out, participants=participants, target_column="gender", modes=["grazplus"],
+                cv_folds=2, epochs=2, seed=1, device="cpu", template=TPL, resolution=RES, work_dir=tmp_path / "work")
+    return run_group_training(**{**args, **kw})
+
+
+def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
+    bids, out, participants = _cohort(tmp_path)
+    summary = _run(bids, out, participants, tmp_path, modes=["plain", "grazplus"])
+    assert set(summary) == {"plain", "grazplus"}
+    mode_dir = out / "group" / "mode-grazplus"
+    folds = pd.read_csv(mode_dir / "cv_metrics.tsv", sep="\t")
+    assert folds["fold"].tolist() == [1, 2] and folds["n_validation"].sum() == 7  # sub-07 has n/a
+    oof = pd.read_csv(mode_dir / "oof_predictions.tsv", sep="\t")
+    assert sorted(oof["participant_id"]) == [f"sub-{i:02d}" for i in range(7)]
+    np.testing.assert_allclose(oof[["probability_f", "probability_m"]].sum(axis=1), 1, rtol=1e-5)
+    for fold in (1, 2):  # never the same participant in training and validation
+        assert set(oof[oof.fold == fold].participant_id).isdisjoint(oof[oof.fold != fold].participant_id)
+    assert json.loads((mode_dir / "cv_metrics.json").read_text())["classes"] == ["f", "m"]
+    for cls in ("f", "m"):
+        heat = nb.load(str(mode_dir / f"tpl-{TPL}_res-{RES}_class-{cls}_desc-meanzplus_heatmap.nii.gz"))
+        assert heat.shape == (16, 16, 16) and np.isclose(heat.get_fdata().sum(), 1, rtol=1e-3)
+    assert (mode_dir / "history" / "fold-1_history.tsv").exists()
+    model, card = load_bundle(mode_dir / "model")
+    assert card["target_column"] == "gender" and card["training_data"]["n_per_class"] == {"f": 4, "m": 3}
+    image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
+    result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
+    assert np.isclose(result.probabilities.sum(), 1) and result.predicted in ("f", "m")
+    assert result.heatmap.shape == (16, 16, 16) and np.isclose(result.heatmap.sum(), 1, rtol=1e-3)
+
+
+def test_group_input_errors(tmp_path):
+    bids, out, participants = _cohort(tmp_path, n=6)
+    with pytest.raises(GroupInputError, match="no column 'diagnosis'"):
+        _run(bids, out, participants, tmp_path, target_column="diagnosis")
+    with pytest.raises(GroupInputError, match="only one class"):
+        _run(bids, out, ["00", "02", "04"], tmp_path)
+    with pytest.raises(GroupInputError, match="need at least --cv-folds=6"):
+        _run(bids, out, participants, tmp_path, cv_folds=6)
