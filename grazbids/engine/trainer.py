@@ -10,6 +10,7 @@ the shuffling order of each epoch depends only on (seed, epoch).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -177,29 +178,36 @@ class Trainer:
 
         return guarded
 
-    def _run_epoch(self, model, optimiser, loss_fn, data, index, weights, train: bool, desc: str):
+    def _run_epoch(self, model, runner, optimiser, data, index, weights, train: bool, desc: str):
+        """One pass over ``index``. Under torch.distributed each process takes its slice of
+        every global batch (batch_size per process) and DDP averages the gradients."""
         s = self.settings
+        rank, world = distributed_rank_and_size() if train else (0, 1)
         model.train(train)
         stats = {"loss": 0.0, "ce": 0.0, "fraction": [], "pred": [], "true": [], "prob": [], "inside": []}
-        micro = list(_batches(index, s.batch_size))
-        bar = tqdm(micro, desc=desc, leave=False, disable=not s.progress, unit="batch")
-        for step, batch in enumerate(bar):
+        global_batches = list(_batches(index, s.batch_size * world))
+        bar = tqdm(global_batches, desc=desc, leave=False, disable=not s.progress or rank != 0, unit="batch")
+        for step, global_batch in enumerate(bar):
+            batch = global_batch[rank * s.batch_size:(rank + 1) * s.batch_size]
             x = data.images[batch].to(self.device)
             m = data.masks[batch].to(self.device)
             y = data.labels[batch].to(self.device)
             w = weights[y]
-            with torch.set_grad_enabled(train):
-                loss, logits, ce, inside, total = loss_fn(x, m, y, w)
-            if train:
-                group_start = step - step % s.accumulation_steps
-                group_size = min(s.accumulation_steps, len(micro) - group_start)
-                (loss / group_size).backward()
-                if step - group_start == group_size - 1:
-                    optimiser.step()
-                    optimiser.zero_grad(set_to_none=True)
-                    model.project_biases_()
-            n = len(batch)
-            stats["loss"] += float(loss.detach()) * n
+            group_start = step - step % s.accumulation_steps
+            group_size = min(s.accumulation_steps, len(global_batches) - group_start)
+            last_of_group = step - group_start == group_size - 1
+            sync = contextlib.nullcontext() if (last_of_group or world == 1 or not train) else runner.no_sync()
+            with torch.set_grad_enabled(train), sync:
+                loss, logits, ce, inside, total = runner(x, m, y, w)
+                if train:
+                    # mean over the global batch (DDP averages over processes), then over the group
+                    share = len(batch) * world / len(global_batch)
+                    (loss * share / group_size).backward()
+            if train and last_of_group:
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                model.project_biases_()
+            stats["loss"] += float(loss.detach()) * len(batch)
             stats["ce"] += float(ce.sum())
             inside_d, total_d = inside.detach(), total.detach()
             stats["fraction"] += (inside_d / total_d.clamp_min(1e-12)).cpu().tolist()
@@ -208,6 +216,8 @@ class Trainer:
             stats["prob"].append(probs.numpy())
             stats["pred"] += probs.argmax(1).tolist()
             stats["true"] += y.cpu().tolist()
+        if world > 1:
+            stats = _gather_stats(stats, world)
         n = max(len(index), 1)
         return {
             "loss": stats["loss"] / n,
@@ -223,11 +233,17 @@ class Trainer:
         s = self.settings
         train_index = np.asarray(train_index)
         val_index = np.asarray(val_index) if val_index is not None and len(val_index) else None
+        self._selected = None
         torch.manual_seed(s.seed)
         model = build_model(self.arch).to(self.device)
         optimiser = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
         weights = torch.as_tensor(class_weights(data.labels[train_index].numpy(), data.n_classes), device=self.device)
-        loss_fn = self._loss_function(model)
+        runner = _LossModule(self._loss_function(model), model)
+        rank, world = distributed_rank_and_size()
+        if world > 1:
+            # PyTorch's own data parallelism (launch with torchrun): gradients are averaged
+            # across processes; every process keeps identical weights.
+            runner = torch.nn.parallel.DistributedDataParallel(runner)
         fingerprint = s.fingerprint(train_index)
 
         header = self._load_checkpoint(model, optimiser, fingerprint)
@@ -239,10 +255,10 @@ class Trainer:
 
         for epoch in range(start, s.epochs + 1):
             desc = f"{self.name} epoch {epoch}/{s.epochs}"
-            train = self._run_epoch(model, optimiser, loss_fn, data, _epoch_order(train_index, s.seed, epoch), weights, True, desc)
+            train = self._run_epoch(model, runner, optimiser, data, _epoch_order(train_index, s.seed, epoch), weights, True, desc)
             row = {"epoch": epoch, **{f"train_{k}": train[k] for k in ("loss", "ce", "relevance_inside", "balanced_accuracy")}}
             if val_index is not None:
-                val = self._run_epoch(model, optimiser, loss_fn, data, val_index, weights, False, desc + " (val)")
+                val = self._run_epoch(model, runner.module if world > 1 else runner, optimiser, data, val_index, weights, False, desc + " (val)")
                 row.update({f"val_{k}": val[k] for k in ("loss", "ce", "relevance_inside", "balanced_accuracy")})
                 score = (val["balanced_accuracy"], val["relevance_inside"])
                 if _is_better(score, tuple(best["score"]) if best else None):
@@ -251,17 +267,17 @@ class Trainer:
             history.append(row)
             LOG.info("%s epoch %d/%d: %s", self.name, epoch, s.epochs,
                      ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-            if self.workdir:
+            if self.workdir and rank == 0:
                 self._save_checkpoint(model, optimiser, {"epoch": epoch, "history": history, "best": best, "fingerprint": fingerprint})
                 write_history(self.workdir / "history.tsv", history)
+            if world > 1:
+                torch.distributed.barrier()
 
         selected, val_probs, val_inside = s.epochs, None, None
         if val_index is not None and best is not None:
             selected = best["epoch"]
-            if self.workdir:
-                tensors = load_file(str(self.workdir / "selected.safetensors"))
-            else:
-                tensors = self._selected
+            # kept in memory unless this is a resumed run that selected an earlier epoch
+            tensors = getattr(self, "_selected", None) or load_file(str(self.workdir / "selected.safetensors"))
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             val_probs = tensors["val.probabilities"].numpy()
             val_inside = tensors["val.inside"].numpy()
@@ -272,11 +288,38 @@ class Trainer:
         tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         tensors["val.probabilities"] = torch.as_tensor(val["probabilities"], dtype=torch.float32)
         tensors["val.inside"] = torch.as_tensor(val["inside"], dtype=torch.float32)
-        if self.workdir:
+        self._selected = tensors
+        if self.workdir and distributed_rank_and_size()[0] == 0:
             with atomic_path(self.workdir / "selected.safetensors", suffix=".safetensors") as tmp:
                 save_file(tensors, str(tmp))
-        else:
-            self._selected = tensors
+
+
+class _LossModule(torch.nn.Module):
+    """The loss as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, loss_fn, model):
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, x, mask, y, w):
+        return self._loss_fn(x, mask, y, w)
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_stats(stats: dict, world: int) -> dict:
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, stats)
+    merged = {k: (0.0 if isinstance(v, float) else []) for k, v in stats.items()}
+    for part in gathered:
+        for k, v in part.items():
+            merged[k] = merged[k] + v
+    return merged
 
 
 def write_history(path: Path, history: list[dict]) -> None:
