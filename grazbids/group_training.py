@@ -48,18 +48,22 @@ def _entity(name: str, key: str) -> str | None:
 
 
 def read_targets(bids_dir: str | Path, target_column: str) -> dict[str, str]:
-    """participant label (without sub-) -> target value, n/a and empty values left out."""
-    path = Path(bids_dir) / "participants.tsv"
-    if not path.is_file():
-        raise GroupInputError(f"{path}: not found; the group level needs the target column {target_column!r} there")
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    if target_column not in table.columns:
-        raise GroupInputError(f"{path}: no column {target_column!r} (columns: {', '.join(table.columns)})")
+    """participant label (without sub-) -> target value; n/a and empty values left out."""
+    from .exitcodes import GrazbidsError
+    from .utils.targets import MISSING_VALUES, read_participants_table
+
+    try:
+        columns, rows = read_participants_table(Path(bids_dir))
+    except GrazbidsError as err:
+        raise GroupInputError(str(err)) from None
+    if target_column not in columns:
+        raise GroupInputError(f"{Path(bids_dir) / 'participants.tsv'}: no column {target_column!r} "
+                              f"(columns: {', '.join(columns)})")
     targets = {}
-    for pid, value in zip(table["participant_id"], table[target_column]):
-        value = value.strip()
-        if value and value.lower() not in ("n/a", "nan"):
-            targets[pid.removeprefix("sub-")] = value
+    for row in rows:
+        value = (row.get(target_column) or "").strip()
+        if value not in MISSING_VALUES:
+            targets[(row.get("participant_id") or "").strip().removeprefix("sub-")] = value
     return targets
 
 

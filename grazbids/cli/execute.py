@@ -1,0 +1,151 @@
+"""Run the Nipype workflow and find out which participants failed.
+
+Independent participant sub-workflows keep running when one of them crashes (unless
+--stop-on-first-crash); Nipype then raises one exception at the very end. A status
+callback records every failing node as it happens, and :func:`node_owner` maps it back
+to its participant, so the summary can name who failed and where the crash files are.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ..config import RunConfig
+from ..workflows.base import node_owner
+from .summary import RunReport
+
+LOGGER = logging.getLogger("grazbids")
+WORKFLOW_OWNER = "workflow"  # failures outside any participant or the group step
+
+
+class NodeTracker:
+    """Nipype status callback: progress messages and failed nodes per participant."""
+
+    def __init__(self, workflow, end_needs_start: bool = False):
+        from nipype.interfaces.utility import IdentityInterface
+
+        self.expected = defaultdict(set)
+        for name in workflow.list_node_names():
+            # Nipype drops plain identity nodes (input/output nodes) before running
+            if isinstance(workflow.get_node(name).interface, IdentityInterface):
+                continue
+            self.expected[node_owner(name) or WORKFLOW_OWNER].add(name)
+        # Nipype's Linear plugin also reports "end" for nodes it skipped after an upstream
+        # crash (without a "start"); other plugins report cached nodes by "end" alone
+        self.end_needs_start = end_needs_start
+        self.started: set[str] = set()
+        self.finished = defaultdict(set)
+        self.failed: dict[str, list[str]] = defaultdict(list)
+        self.announced: set[str] = set()
+
+    @staticmethod
+    def _relative_name(node) -> str:
+        # list_node_names() omits the top workflow's name; keep the same form here
+        return node.fullname.split(".", 1)[1] if "." in node.fullname else node.fullname
+
+    def __call__(self, node, status: str) -> None:
+        name = self._relative_name(node)
+        owner = node_owner(name) or WORKFLOW_OWNER
+        if status == "start":
+            self.started.add(name)
+        elif status == "exception":
+            self.failed[owner].append(name)
+            LOGGER.error("%s: step %s failed", owner, name)
+        elif status == "end":
+            if self.end_needs_start and name not in self.started:
+                return
+            self.finished[owner].add(name)
+            LOGGER.debug("%s: step %s done", owner, name)
+            if owner not in self.announced and self.expected[owner] <= self.finished[owner]:
+                self.announced.add(owner)
+                if owner != WORKFLOW_OWNER:
+                    LOGGER.info("%s: finished", owner)
+
+
+def configure_threads(omp_nthreads: int) -> None:
+    """Thread limits for every library a node may use; worker processes inherit them."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[var] = str(omp_nthreads)
+    if "torch" in sys.modules:  # already imported: the variable alone is read too late
+        sys.modules["torch"].set_num_threads(omp_nthreads)
+
+
+def configure_nipype(workflow, config: RunConfig) -> None:
+    workflow.config["execution"] = {
+        # nodes without their own crash folder (participant nodes use sub-<label>/log/)
+        "crashdump_dir": str(config.log_dir),
+        "crashfile_format": "txt",  # readable without nipype; no pickles
+        "stop_on_first_crash": config.stop_on_first_crash,
+        "remove_unnecessary_outputs": False,  # keeps the work folder usable for re-runs
+        "create_report": True,
+    }
+
+
+def _crash_folders(config: RunConfig, owner: str) -> list[Path]:
+    folders = [config.log_dir]
+    if owner.startswith("sub-"):
+        folders.insert(0, config.output_dir / owner / "log")
+    return folders
+
+
+def existing_crash_files(config: RunConfig) -> set[Path]:
+    """Crash files already there before the run (from earlier runs): not ours to report."""
+    found = set(config.log_dir.glob("crash-*"))
+    for folder in config.output_dir.glob("sub-*/log"):
+        found.update(folder.rglob("crash-*"))
+    return found
+
+
+def _crash_files(config: RunConfig, owner: str, nodes: list[str], old: set[Path]) -> list[str]:
+    """New crash files of one owner: everything in its sub-<label>/log/ folder, and text
+    crash files in the shared log folder whose first line names one of its nodes."""
+    found = []
+    for folder in _crash_folders(config, owner):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("crash-*")):
+            if path in old:
+                continue
+            if folder == config.log_dir:
+                try:
+                    first = path.read_text(errors="replace").split("\n", 1)[0]
+                except OSError:
+                    continue
+                if not any(first.endswith(f".{node}") for node in nodes):
+                    continue
+            found.append(str(path))
+    return found
+
+
+def run_workflow(workflow, config: RunConfig, report: RunReport) -> None:
+    """Run; fill report.failed with every participant (or group step) that did not finish."""
+    configure_nipype(workflow, config)
+    tracker = NodeTracker(workflow, end_needs_start=config.plugin == "Linear")
+    plugin_args = {**config.plugin_args, "status_callback": tracker}
+    LOGGER.info("Running %d step(s) with the %s plugin (%s); work folder %s",
+                sum(len(v) for v in tracker.expected.values()), config.plugin,
+                ", ".join(f"{k}={v}" for k, v in config.plugin_args.items()) or "defaults",
+                config.work_dir)
+    old_crash_files = existing_crash_files(config)
+    try:
+        workflow.run(plugin=config.plugin, plugin_args=plugin_args)
+    except Exception as err:  # Nipype raises RuntimeError or re-raises the node's error
+        report.run_error = " ".join(str(err).split())[:2000]
+    for owner, nodes in tracker.failed.items():
+        report.failed[owner] = {"nodes": nodes, "crashfiles": _crash_files(config, owner, nodes, old_crash_files)}
+    if report.run_error and not tracker.failed:
+        # the run ended without any node failing: plugin or graph problem, all affected
+        report.failed[WORKFLOW_OWNER] = {"nodes": [], "crashfiles": [], "not_run": report.run_error}
+    if config.is_group_level:
+        if "group" in report.failed:
+            report.group_step = "failed"
+        elif tracker.expected["group"] <= tracker.finished["group"]:
+            report.group_step = "finished"
+        else:
+            report.group_step = "not run"
+            report.failed["group"] = {"nodes": [], "crashfiles": [],
+                                      "not_run": "the group step did not run because an earlier step failed"}

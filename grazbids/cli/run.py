@@ -1,0 +1,168 @@
+"""Entry point of the ``grazbids`` command (and ``python -m grazbids``).
+
+Order of a run: parse the command line -> preflight checks (nothing written yet) ->
+create output_dir and its dataset-level files -> build one Nipype workflow -> run it ->
+log and save the run summary -> exit code (see grazbids.exitcodes).
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from datetime import datetime
+
+# Never reach the network at run time: Nipype's version check (etelemetry) and
+# TemplateFlow's skeleton update both run on import unless switched off.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
+
+from .. import __version__  # noqa: E402
+from ..exitcodes import ExitCode, GrazbidsError  # noqa: E402
+
+LOGGER = logging.getLogger("grazbids")
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def setup_logging(verbosity: int) -> None:
+    """Timestamped messages on stderr; grazbids at INFO (DEBUG with -vv)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_grazbids", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    handler._grazbids = True
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    LOGGER.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
+
+
+def route_nipype_logging(verbosity: int) -> None:
+    """Send Nipype's messages through our handlers (it prints to stdout by default)."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = {0: "WARNING", 1: "INFO"}.get(verbosity, "DEBUG")
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, level)
+    nipype_config.set("execution", "check_version", "false")
+    nipype_logging.update_logging(nipype_config)
+    nipype_root = logging.getLogger("nipype")
+    for handler in list(nipype_root.handlers):
+        nipype_root.removeHandler(handler)
+    nipype_root.propagate = True
+
+
+def hold_early_messages() -> logging.handlers.MemoryHandler:
+    """Keep the preflight messages until the log file can be created in output_dir."""
+    handler = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    handler._grazbids = True
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def add_log_file(log_dir, analysis_level: str, stamp: str,
+                 early: logging.handlers.MemoryHandler) -> logging.Handler | None:
+    """Log to output_dir/logs/ from now on, starting with the messages held so far."""
+    path = log_dir / f"grazbids_{analysis_level}_{stamp}.log"
+    logging.getLogger().removeHandler(early)
+    try:
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as err:
+        LOGGER.warning("cannot write the log file %s: %s", path, err)
+        return None
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+    handler._grazbids = True
+    early.setTarget(handler)
+    early.close()  # flushes the held messages into the file
+    logging.getLogger().addHandler(handler)
+    LOGGER.info("Log file: %s", path)
+    return handler
+
+
+def execute(argv: list[str] | None) -> int:
+    from .parser import parse_args
+    from .preflight import run_preflight
+    from .summary import RunReport
+
+    config = parse_args(argv)
+    setup_logging(config.verbosity)
+    early_messages = hold_early_messages()
+    try:
+        LOGGER.info("grazbids %s, %s level: %s -> %s", __version__, config.analysis_level,
+                    config.bids_dir, config.output_dir)
+        report = RunReport(config.analysis_level,
+                           command=["grazbids", *(sys.argv[1:] if argv is None else argv)])
+        config, source_description = run_preflight(config, report)
+    except BaseException:
+        logging.getLogger().removeHandler(early_messages)  # nothing is written: drop them
+        raise
+    return process(config, report, source_description, early_messages)
+
+
+def process(config, report, source_description: dict, early_messages) -> int:
+    """Everything after the checks: output folders, dataset files, workflow, summary."""
+    from ..utils.dataset import write_dataset_files
+    from ..utils.paths import make_folder
+    from ..workflows.base import init_grazbids_wf
+    from .execute import configure_threads, run_workflow
+
+    log_handler = None
+    try:
+        make_folder(config.output_dir, "output_dir")
+        make_folder(config.work_dir, "work folder")
+        write_dataset_files(config, source_description)
+        log_handler = add_log_file(config.log_dir, config.analysis_level, report.stamp, early_messages)
+        configure_threads(config.omp_nthreads)
+        route_nipype_logging(config.verbosity)
+        report.processed = sorted(config.t1w_files)
+        try:
+            workflow = init_grazbids_wf(config)
+        except Exception as err:  # e.g. a pipeline module missing or rejecting the settings
+            LOGGER.exception("cannot build the workflow: %s", err)
+            report.run_error = f"cannot build the workflow: {err}"
+            report.failed["workflow"] = {"nodes": [], "crashfiles": [], "not_run": report.run_error}
+        else:
+            run_workflow(workflow, config, report)
+        report.finished = datetime.now().isoformat(timespec="seconds")
+        code = report.final_exit_code()
+        report.exit_code = int(code)
+        report.log()
+        try:
+            LOGGER.info("Run summary: %s", report.write(config.log_dir))
+        except OSError as err:
+            LOGGER.error("cannot write the run summary into %s: %s", config.log_dir, err)
+            code = ExitCode.IO_ERROR if code == ExitCode.OK else code
+        return int(code)
+    finally:
+        logging.getLogger().removeHandler(early_messages)
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return execute(argv)
+    except GrazbidsError as err:
+        if not any(getattr(h, "_grazbids", False) for h in logging.getLogger().handlers):
+            setup_logging(0)  # stopped while parsing the command line
+        LOGGER.error("%s", err.message)
+        return int(err.code)
+    except SystemExit as exc:  # argparse: --help/--version (0) and usage errors (64)
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return 130
+    except OSError as err:
+        LOGGER.exception("I/O error: %s", err)
+        return int(ExitCode.IO_ERROR)
+    except Exception as err:  # a bug, or a missing pipeline module: say so, exit 1
+        LOGGER.exception("grazbids failed unexpectedly: %s", err)
+        return int(ExitCode.FAILURE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The settings of one grazbids run, parsed from the command line and checked.
+
+``grazbids.cli.parser.parse_args`` fills the user's choices; the preflight checks
+(``grazbids.cli.preflight``) then add the selected, readable inputs (``t1w_files``,
+``group_participants``) with :func:`dataclasses.replace`. Nothing downstream re-reads
+``sys.argv`` or the environment: the workflow builders get everything from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ANALYSIS_LEVELS = ("participant", "group")
+DEFAULT_TEMPLATE = "MNI152NLin2009aSym"  # shipped with grazbids: no TemplateFlow download
+RESOLUTIONS = (1, 2)  # TemplateFlow res- index: 1 = 1 mm, 2 = 2 mm
+DEFAULT_RESOLUTION = 2
+REGISTRATIONS = ("rigid", "affine", "nonlinear")
+DEFAULT_REGISTRATION = "affine"
+DEVICES = ("auto", "cpu", "cuda")
+MODES = ("plain", "masked", "grazplus")
+DEFAULT_MODES = ("grazplus",)
+DEFAULT_CV_FOLDS = 5
+DEFAULT_EPOCHS = 60  # as in Graz+ (Tinauer et al. 2022)
+DEFAULT_SEED = 42  # as in Graz+
+DEFAULT_PLUGIN = "MultiProc"
+
+WORKFLOW_NAME = "grazbids_wf"
+GROUP_WORKFLOW_NAME = "group_wf"
+
+
+def participant_workflow_name(label: str) -> str:
+    """Name of a participant's sub-workflow; failures are traced back to it by this name."""
+    return f"sub_{label}_wf"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    # selection as requested on the command line (labels without "sub-"; empty = all)
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    skip_bids_validation: bool = False
+    # spatial normalisation
+    template: str = DEFAULT_TEMPLATE
+    resolution: int = DEFAULT_RESOLUTION
+    registration: str = DEFAULT_REGISTRATION
+    # deep learning
+    device: str = "auto"
+    model_dir: Path | None = None
+    target_column: str | None = None
+    modes: tuple[str, ...] = DEFAULT_MODES
+    cv_folds: int = DEFAULT_CV_FOLDS
+    epochs: int = DEFAULT_EPOCHS
+    random_seed: int = DEFAULT_SEED
+    # execution
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    plugin: str = DEFAULT_PLUGIN
+    plugin_args: dict = field(default_factory=dict)
+    stop_on_first_crash: bool = False
+    verbosity: int = 0
+    # filled by the preflight checks: participant label -> its checked T1w images, for
+    # every participant whose preprocessing runs in this invocation
+    t1w_files: dict[str, tuple[Path, ...]] = field(default_factory=dict)
+    # group level only: every participant entering the group analysis (already
+    # preprocessed ones and those preprocessed in this run)
+    group_participants: tuple[str, ...] = ()
+
+    @property
+    def is_group_level(self) -> bool:
+        return self.analysis_level == "group"
+
+    @property
+    def log_dir(self) -> Path:
+        """Dataset-level logs (run summaries, citation text); listed in .bidsignore."""
+        return self.output_dir / "logs"

@@ -1,0 +1,94 @@
+"""Group level: check the classification target column of participants.tsv."""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..exitcodes import ExitCode, GrazbidsError
+
+LOGGER = logging.getLogger("grazbids")
+MISSING_VALUES = {"", "n/a"}  # BIDS writes missing values as n/a
+
+
+@dataclass
+class TargetSummary:
+    column: str
+    classes: dict[str, str] = field(default_factory=dict)  # participant label -> class value
+    without_value: list[str] = field(default_factory=list)  # n/a, empty, or no row
+
+    def class_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for value in self.classes.values():
+            counts[value] = counts.get(value, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def read_participants_table(bids_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    path = bids_dir / "participants.tsv"
+    if not path.is_file():
+        raise GrazbidsError(ExitCode.MISSING_INPUT,
+                            f"{path} not found: the group level reads its target column from it")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"{path} is not a readable TSV file: {err}") from None
+    except OSError as err:
+        raise GrazbidsError(ExitCode.IO_ERROR, f"cannot read {path}: {err.strerror or err}") from None
+    if "participant_id" not in columns:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"{path} has no participant_id column")
+    return columns, rows
+
+
+def check_target(bids_dir: Path, column: str, participants: list[str], cv_folds: int) -> TargetSummary:
+    """Classes of ``column`` for the selected participants; 65 when training is impossible."""
+    path = bids_dir / "participants.tsv"
+    columns, rows = read_participants_table(bids_dir)
+    if column not in columns:
+        usable = [c for c in columns if c != "participant_id"]
+        raise GrazbidsError(ExitCode.BAD_DATA,
+                            f"--target-column {column!r} is not a column of {path} "
+                            f"(columns: {', '.join(usable) or 'none'})")
+    values = {}
+    for row in rows:
+        pid = (row.get("participant_id") or "").strip()
+        label = pid[4:] if pid.startswith("sub-") else pid
+        values[label] = (row.get(column) or "").strip()
+
+    summary = TargetSummary(column)
+    for label in participants:
+        value = values.get(label, "")
+        if value in MISSING_VALUES:
+            summary.without_value.append(label)
+        else:
+            summary.classes[label] = value
+
+    counts = summary.class_counts()
+    n_missing = len(summary.without_value)
+    missing_note = (f"; {n_missing} selected participant(s) have no value (n/a, empty or no row) "
+                    f"and are left out" if n_missing else "")
+    described = ", ".join(f"{value!r}: {n}" for value, n in counts.items()) or "none"
+    if len(counts) < 2:
+        raise GrazbidsError(ExitCode.BAD_DATA,
+                            f"--target-column {column!r} needs at least two classes among the selected "
+                            f"participants, found {len(counts)} ({described}){missing_note}")
+    singletons = [value for value, n in counts.items() if n < 2]
+    if singletons:
+        hint = (" (it looks continuous; grazbids trains classifiers, so bin it into classes first)"
+                if len(singletons) > len(counts) / 2 else "")
+        raise GrazbidsError(ExitCode.BAD_DATA,
+                            f"--target-column {column!r}: class(es) {', '.join(map(repr, singletons))} "
+                            f"have a single participant, too few to both train and validate{hint}")
+    if len(summary.classes) < cv_folds:
+        raise GrazbidsError(ExitCode.BAD_DATA,
+                            f"--cv-folds {cv_folds} needs at least {cv_folds} participants with a "
+                            f"{column!r} value, found {len(summary.classes)}{missing_note}")
+    LOGGER.info("Target %r: %d participants, classes %s%s", column, len(summary.classes), described, missing_note)
+    if min(counts.values()) < cv_folds:
+        LOGGER.warning("Target %r: the smallest class has fewer participants than --cv-folds %d, so "
+                       "some validation folds will not contain it", column, cv_folds)
+    return summary
