@@ -7,7 +7,6 @@ setup(
     name="grazbids",
     version=version,
     description="Relevance-guided (Graz+) 3D CNN training and explanation of brain MRI, as a BIDS App",
-    url="https://github.com/grazbids/grazbids",
     python_requires=">=3.11",
     packages=find_packages(exclude=["tests", "tests.*"]),
     include_package_data=True,
