@@ -28,5 +28,5 @@ setup(
         "scipy",
     ],
     extras_require={"test": ["pytest>=7", "bids-validator-deno"]},
-    entry_points={"console_scripts": ["grazbids=grazbids.cli.run:main"]},
+    entry_points={"console_scripts": ["grazbids=grazbids.cli.run:main", "grazbids-train=grazbids.train:main"]},
 )

@@ -23,6 +23,7 @@ from .engine import (
     Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings, balanced_accuracy,
     encode_labels, participant_folds, save_bundle, zplus_heatmap,
 )
+from .engine.trainer import distributed_rank_and_size
 from .utils.atomic import atomic_path, write_json, write_text
 
 LOG = logging.getLogger("grazbids.group")
@@ -106,6 +107,11 @@ def load_cohort(samples: list[Sample]) -> tuple[TrainingData, list[str], np.ndar
     return data, classes, affine
 
 
+def _is_main_process() -> bool:
+    """Under torchrun every process trains; only rank 0 writes the shared outputs."""
+    return distributed_rank_and_size()[0] == 0
+
+
 def _tsv(path: Path, frame: pd.DataFrame) -> None:
     with atomic_path(path, suffix=".tsv") as tmp:
         frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6f")
@@ -157,7 +163,8 @@ def train_mode(
             "accuracy": float(np.mean(result.val_probabilities.argmax(1) == y_val)),
             "relevance_inside_mask": float(np.mean(inside)),
         })
-        write_text(out_dir / "history" / f"fold-{k}_history.tsv", (work_dir / f"fold-{k}" / "history.tsv").read_text())
+        if _is_main_process():
+            write_text(out_dir / "history" / f"fold-{k}_history.tsv", (work_dir / f"fold-{k}" / "history.tsv").read_text())
 
     folds_table = pd.DataFrame(fold_rows)
     ba = folds_table["balanced_accuracy"].to_numpy()
@@ -170,6 +177,13 @@ def train_mode(
         "relevance_inside_mask_mean": float(np.nanmean(oof_inside)),
         "per_fold": fold_rows,
     }
+    final_epochs = int(np.median(folds_table["selected_epoch"]))
+    LOG.info("mode %s: final model on all %d samples for %d epochs (median selected epoch)", mode, len(samples), final_epochs)
+    final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device)
+    final = Trainer(arch, final_settings, work_dir / "final", name=f"{mode} final").fit(data, np.arange(len(samples)))
+    if not _is_main_process():
+        return cv_summary
+
     _tsv(out_dir / "cv_metrics.tsv", folds_table)
     write_json(out_dir / "cv_metrics.json", cv_summary)
 
@@ -194,10 +208,6 @@ def train_mode(
             _save_nifti(out_dir / f"tpl-{template}_res-{resolution}_class-{_safe(c)}_desc-meanzplus_heatmap.nii.gz",
                         heat_sum[j] / heat_n[j], affine)
 
-    final_epochs = int(np.median(folds_table["selected_epoch"]))
-    LOG.info("mode %s: final model on all %d samples for %d epochs (median selected epoch)", mode, len(samples), final_epochs)
-    final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device)
-    final = Trainer(arch, final_settings, work_dir / "final", name=f"{mode} final").fit(data, np.arange(len(samples)))
     write_text(out_dir / "history" / "final_history.tsv", (work_dir / "final" / "history.tsv").read_text())
     counts = {c: int((y_all == j).sum()) for j, c in enumerate(classes)}
     card = {
