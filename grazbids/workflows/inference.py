@@ -1,0 +1,51 @@
+"""Participant-level inference: predictions and z+ heat maps with a trained model bundle."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.model import PredictAndExplain
+from ..interfaces.registration import ApplyTransforms
+
+
+def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str, resolution: int, name="inference_wf") -> pe.Workflow:
+    """Predict the class of one T1w and write its heat map in template and native space.
+
+    ``inputnode``: ``t1w_template``, ``brain_mask_template`` (template grid),
+    ``reverse_transforms`` (template -> T1w), ``t1w_native`` (reference grid of the
+    native map) and ``source_file`` (the raw T1w, for names and provenance).
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["t1w_template", "brain_mask_template", "reverse_transforms", "t1w_native", "source_file"]),
+        name="inputnode",
+    )
+    predict = pe.Node(PredictAndExplain(model_dir=str(model_dir), device=device), name="predict")
+    to_native = pe.Node(ApplyTransforms(interpolation="linear"), name="heatmap_to_native")
+    common = dict(bids_dir=str(bids_dir), output_dir=str(output_dir))
+    sink_template = pe.Node(
+        DerivativesSink(space=template, res=str(resolution), desc="zplus", suffix="heatmap", extension=".nii.gz", **common),
+        name="ds_heatmap_template", run_without_submitting=True,
+    )
+    sink_native = pe.Node(
+        DerivativesSink(desc="zplus", suffix="heatmap", extension=".nii.gz", **common),
+        name="ds_heatmap_native", run_without_submitting=True,
+    )
+    sink_predictions = pe.Node(
+        DerivativesSink(desc="grazplus", suffix="predictions", extension=".tsv", **common),
+        name="ds_predictions", run_without_submitting=True,
+    )
+    workflow.connect([
+        (inputnode, predict, [("t1w_template", "t1w_template"), ("brain_mask_template", "brain_mask_template")]),
+        (predict, to_native, [("heatmap", "input_image")]),
+        (inputnode, to_native, [("t1w_native", "reference_image"), ("reverse_transforms", "transforms")]),
+        (predict, sink_template, [("heatmap", "in_file"), ("heatmap_metadata", "metadata")]),
+        (to_native, sink_native, [("output_image", "in_file")]),
+        (predict, sink_native, [("heatmap_metadata", "metadata")]),
+        (predict, sink_predictions, [("predictions", "in_file"), ("predictions_metadata", "metadata")]),
+        (inputnode, sink_template, [("source_file", "source_file")]),
+        (inputnode, sink_native, [("source_file", "source_file")]),
+        (inputnode, sink_predictions, [("source_file", "source_file")]),
+    ])
+    return workflow
