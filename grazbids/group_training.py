@@ -135,6 +135,13 @@ def train_mode(
     settings = TrainSettings(mode=mode, epochs=epochs, seed=seed, device=device)
     participants = [s.participant for s in samples]
     folds = participant_folds(participants, data.labels.numpy(), cv_folds, seed)
+    for k, (train, _) in enumerate(folds, start=1):
+        missing = set(range(len(classes))) - set(data.labels[train].tolist())
+        if missing:
+            raise GroupInputError(
+                f"with {cv_folds} folds, fold {k} would train without any participant of class "
+                f"{', '.join(repr(classes[c]) for c in sorted(missing))}; use fewer --cv-folds or more participants"
+            )
     oof_probs = np.full((len(samples), len(classes)), np.nan)
     oof_fold = np.zeros(len(samples), dtype=int)
     oof_inside = np.full(len(samples), np.nan)

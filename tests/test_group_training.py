@@ -73,5 +73,7 @@ def test_group_input_errors(tmp_path):
         _run(bids, out, participants, tmp_path, target_column="diagnosis")
     with pytest.raises(GroupInputError, match="only one class"):
         _run(bids, out, ["00", "02", "04"], tmp_path)
+    with pytest.raises(GroupInputError, match="fold 1 would train without any participant of class"):
+        _run(bids, out, ["00", "01"], tmp_path)
     with pytest.raises(GroupInputError, match="need at least --cv-folds=6"):
         _run(bids, out, participants, tmp_path, cv_folds=6)

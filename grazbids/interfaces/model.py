@@ -43,7 +43,7 @@ class PredictAndExplain(BaseInterface):
         columns = ["predicted_label", *[f"probability_{c}" for c in result.classes]]
         values = [result.predicted, *[f"{p:.6f}" for p in result.probabilities]]
         (cwd / "predictions.tsv").write_text("\t".join(columns) + "\n" + "\t".join(values) + "\n")
-        model_name = os.path.basename(os.path.normpath(self.inputs.model_dir))
+        model_name = os.path.abspath(self.inputs.model_dir)
         self._results = {
             "heatmap": str(cwd / "heatmap.nii.gz"),
             "predictions": str(cwd / "predictions.tsv"),
@@ -51,8 +51,11 @@ class PredictAndExplain(BaseInterface):
                 "Description": "Layer-wise relevance propagation heat map of the model's decision",
                 "Method": "LRP, deep Taylor z+ rule in every layer (Graz+)",
                 "ExplainedClass": "softmax vector (all classes, each weighted by its probability)",
-                "Model": model_name,
-                "ModelCard": card,
+                "Model": model_name,  # the bundle folder used
+                "ModelTrainingMode": card["mode"],
+                "ModelClasses": card["classes"],
+                "ModelTargetColumn": card["target_column"],
+                "ModelGrazbidsVersion": card["grazbids_version"],
                 "Units": "relevance (the map sums to 1 on the template grid)",
             },
             "predictions_metadata": {
@@ -60,7 +63,6 @@ class PredictAndExplain(BaseInterface):
                                     "Levels": {c: c for c in card["classes"]}},
                 **{f"probability_{c}": {"Description": f"model probability of {card['target_column']} = {c}"}
                    for c in card["classes"]},
-                "Model": model_name, "TrainingMode": card["mode"],
             },
         }
         return runtime
