@@ -27,6 +27,6 @@ setup(
         "pandas",
         "scipy",
     ],
-    extras_require={"test": ["pytest>=7", "bids-validator-deno"]},
+    extras_require={"test": ["pytest>=7", "bids-validator-deno", "boutiques>=0.5.33"]},
     entry_points={"console_scripts": ["grazbids=grazbids.cli.run:main", "grazbids-train=grazbids.train:main"]},
 )

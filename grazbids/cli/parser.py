@@ -38,6 +38,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
+class _BoutiquesAction(argparse.Action):
+    """``--boutiques``: print the Boutiques descriptor of this parser and exit 0 (as --version)."""
+
+    prints_and_exits = True  # grazbids.boutiques leaves such options out of the descriptor
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..boutiques import descriptor_json
+
+        parser._print_message(descriptor_json(build_parser()) + "\n", sys.stdout)
+        parser.exit(ExitCode.OK)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -90,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("analysis_level", metavar="{participant,group}",
                         help="processing stage: 'participant' (per subject) or 'group' (training)")
     parser.add_argument("--version", action="version", version=f"grazbids {__version__}")
+    parser.add_argument("--boutiques", action=_BoutiquesAction,
+                        help="print the Boutiques descriptor of this command line (JSON) and exit")
     parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
                         help="more log output: -v shows every Nipype node, -vv debug messages")
 

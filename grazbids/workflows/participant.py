@@ -1,0 +1,219 @@
+"""Participant level: register each T1w to the template, map brain/tissue masks both
+ways, check `SkullStripped`, and write BIDS derivatives (optionally run inference).
+
+One sub-workflow per T1w (session/run), all inside the participant's workflow, whose
+`outputnode` (`t1w_template`, `brain_mask_template`: lists of derivative paths, one per
+T1w) lets the top-level workflow put a barrier before the group level. Crash files of
+every node in here go to `<output_dir>/sub-<label>/log/`.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from nipype.pipeline.engine.utils import merge_dict
+
+from ..interfaces.derivatives import DerivativesSink, bids_derivative_name, parse_bids_name
+from ..interfaces.masks import BrainMaskOverlap, NativeBrainMask, SkullStrippedCheck
+from ..interfaces.registration import ApplyTransforms, RegisterToTemplate
+from ..templates import TemplateFiles, get_template
+
+TISSUES = ("GM", "WM", "CSF")
+_PER_T1W_ENTITIES = ("ses", "acq", "ce", "rec", "run")
+
+
+def _first(inlist):
+    """First element of a list output (a single transform file)."""
+    return inlist[0] if isinstance(inlist, (list, tuple)) else inlist
+
+
+def anat_workflow_name(t1w_file: str) -> str:
+    """`anat_wf`, or e.g. `anat_ses_1_run_2_wf` when the T1w has those entities."""
+    entities, _, _ = parse_bids_name(t1w_file)
+    parts = [f"{key}_{entities[key]}" for key in _PER_T1W_ENTITIES if key in entities]
+    return re.sub(r"\W", "_", "_".join(["anat", *parts, "wf"]))
+
+
+def set_crashdump_dir(workflow: pe.Workflow, crashdump_dir: str | Path) -> None:
+    """Send crash files of every node in `workflow` (nested included) to `crashdump_dir`.
+
+    Nipype 1.11 merges only the config of the workflow that is *run* into its nodes
+    (`node.config = merge_dict(top.config, node.config)`), so a nested workflow's own
+    config is ignored; node-level config wins over it, hence set on each node.
+    """
+    setting = {"execution": {"crashdump_dir": str(crashdump_dir)}}
+    workflow.config = merge_dict(workflow.config, setting)  # when run on its own
+    for node in workflow._get_all_nodes():
+        node.config = merge_dict(node.config or {}, setting)
+
+
+def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_dir,
+                        template: str, resolution: int, registration: str,
+                        omp_nthreads: int, seed: int, model_dir: str | None = None,
+                        device: str = "auto", name=None) -> pe.Workflow:
+    """Preprocessing (and optional inference) of every T1w of one participant."""
+    subject = subject[4:] if subject.startswith("sub-") else subject
+    if not t1w_files:
+        raise ValueError(f"sub-{subject}: no T1w files to preprocess")
+    template_files = get_template(template, resolution)  # fails early, before any work
+    workflow = pe.Workflow(name=name or f"sub_{subject}_wf")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["t1w_template", "brain_mask_template"]),
+                         name="outputnode")
+    merge_t1w = pe.Node(niu.Merge(len(t1w_files)), name="merge_t1w_template",
+                        run_without_submitting=True)
+    merge_mask = pe.Node(niu.Merge(len(t1w_files)), name="merge_brain_mask_template",
+                         run_without_submitting=True)
+    for index, t1w_file in enumerate(sorted(str(f) for f in t1w_files), start=1):
+        anat_wf = init_anat_preproc_wf(
+            t1w_file=t1w_file, template=template_files, bids_dir=str(bids_dir),
+            output_dir=str(output_dir), registration=registration,
+            omp_nthreads=omp_nthreads, seed=seed, model_dir=model_dir, device=device,
+            name=anat_workflow_name(t1w_file),
+        )
+        workflow.connect([
+            (anat_wf, merge_t1w, [("outputnode.t1w_template", f"in{index}")]),
+            (anat_wf, merge_mask, [("outputnode.brain_mask_template", f"in{index}")]),
+        ])
+    workflow.connect([
+        (merge_t1w, outputnode, [("out", "t1w_template")]),
+        (merge_mask, outputnode, [("out", "brain_mask_template")]),
+    ])
+    set_crashdump_dir(workflow, Path(output_dir).absolute() / f"sub-{subject}" / "log")
+    return workflow
+
+
+def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: str,
+                         output_dir: str, registration: str, omp_nthreads: int, seed: int,
+                         model_dir: str | None = None, device: str = "auto",
+                         name: str = "anat_wf") -> pe.Workflow:
+    """Registration, masks and derivatives of one T1w."""
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode.inputs.t1w = t1w_file
+    outputnode = pe.Node(niu.IdentityInterface(fields=["t1w_template", "brain_mask_template"]),
+                         name="outputnode")
+    space, res = template.name, str(template.resolution)
+
+    native_mask = pe.Node(NativeBrainMask(), name="native_brain_mask", mem_gb=1.0)
+    register = pe.Node(
+        RegisterToTemplate(fixed_image=str(template.t1w), fixed_mask=str(template.brain_mask),
+                           registration=registration, random_seed=seed),
+        name="register", n_procs=omp_nthreads, mem_gb=2.0,
+    )
+    qc = pe.Node(BrainMaskOverlap(template_mask=str(template.brain_mask)),
+                 name="brain_mask_overlap", mem_gb=1.0)
+    mask_to_native = pe.Node(
+        ApplyTransforms(input_image=str(template.brain_mask), interpolation="nearestNeighbor",
+                        output_dtype="uint8", out_file="brain_mask_native.nii.gz"),
+        name="brain_mask_to_native", n_procs=omp_nthreads, mem_gb=1.0,
+    )
+    probsegs_to_native = pe.MapNode(
+        ApplyTransforms(interpolation="linear"),
+        iterfield=["input_image", "out_file"], name="probsegs_to_native",
+        n_procs=omp_nthreads, mem_gb=1.0,
+    )
+    probsegs_to_native.inputs.input_image = [str(template.probsegs[t]) for t in TISSUES]
+    probsegs_to_native.inputs.out_file = [f"label-{t}_probseg_native.nii.gz" for t in TISSUES]
+    skullstripped = pe.Node(SkullStrippedCheck(), name="skullstripped_check", mem_gb=1.0)
+
+    # ------------------------------------------------------------------ derivatives
+    common = dict(bids_dir=bids_dir, output_dir=output_dir)
+    in_template = dict(space=space, res=res, **common)
+
+    def xfm_uri(from_, to):
+        return "bids::" + bids_derivative_name(t1w_file, from_=from_, to=to, mode="image",
+                                               suffix="xfm", extension=".h5")
+
+    forward_uri, reverse_uri = xfm_uri("T1w", space), xfm_uri(space, "T1w")
+    template_note = {"Description": f"{space} template map on the res-{res} grid "
+                                    "(the same for every participant)"}
+
+    def sink(name_, **kwargs):
+        return pe.Node(DerivativesSink(**kwargs), name=name_, run_without_submitting=True)
+
+    ds_t1w = sink("ds_t1w_template", desc="preproc", suffix="T1w", extension=".nii.gz",
+                  extra_sources=[forward_uri], **in_template)
+    ds_mask_template = sink("ds_brain_mask_template", in_file=str(template.brain_mask),
+                            desc="brain", suffix="mask", extension=".nii.gz",
+                            metadata=template_note, **in_template)
+    ds_probsegs_template = pe.MapNode(
+        DerivativesSink(suffix="probseg", extension=".nii.gz", metadata=template_note,
+                        **in_template),
+        iterfield=["in_file", "label"], name="ds_probsegs_template",
+        run_without_submitting=True,
+    )
+    ds_probsegs_template.inputs.in_file = [str(template.probsegs[t]) for t in TISSUES]
+    ds_probsegs_template.inputs.label = list(TISSUES)
+    ds_mask_native = sink("ds_brain_mask_native", desc="brain", suffix="mask",
+                          extension=".nii.gz", extra_sources=[reverse_uri], **common)
+    ds_probsegs_native = pe.MapNode(
+        DerivativesSink(suffix="probseg", extension=".nii.gz", extra_sources=[reverse_uri],
+                        **common),
+        iterfield=["in_file", "label"], name="ds_probsegs_native",
+        run_without_submitting=True,
+    )
+    ds_probsegs_native.inputs.label = list(TISSUES)
+    ds_xfm_forward = sink("ds_xfm_forward", from_="T1w", to=space, mode="image",
+                          suffix="xfm", extension=".h5", **common)
+    ds_xfm_reverse = sink("ds_xfm_reverse", from_=space, to="T1w", mode="image",
+                          suffix="xfm", extension=".h5", **common)
+    sinks = (ds_t1w, ds_mask_template, ds_probsegs_template, ds_mask_native,
+             ds_probsegs_native, ds_xfm_forward, ds_xfm_reverse)
+
+    workflow.connect([
+        (inputnode, native_mask, [("t1w", "in_file")]),
+        (inputnode, register, [("t1w", "moving_image")]),
+        (native_mask, register, [("out_mask", "moving_mask")]),
+        (native_mask, qc, [("out_mask", "moving_mask")]),
+        (register, qc, [("forward_transforms", "transforms")]),
+        (inputnode, mask_to_native, [("t1w", "reference_image")]),
+        (register, mask_to_native, [("reverse_transforms", "transforms")]),
+        (inputnode, probsegs_to_native, [("t1w", "reference_image")]),
+        (register, probsegs_to_native, [("reverse_transforms", "transforms")]),
+        (inputnode, skullstripped, [("t1w", "in_file")]),
+        (mask_to_native, skullstripped, [("output_image", "brain_mask")]),
+        (register, ds_t1w, [("warped_image", "in_file")]),
+        (skullstripped, ds_t1w, [("skull_stripped", "skull_stripped")]),
+        (qc, ds_t1w, [("metadata", "extra_metadata")]),
+        (mask_to_native, ds_mask_native, [("output_image", "in_file")]),
+        (probsegs_to_native, ds_probsegs_native, [("output_image", "in_file")]),
+        (register, ds_xfm_forward, [(("forward_transforms", _first), "in_file"),
+                                    ("registration_metadata", "extra_metadata")]),
+        (register, ds_xfm_reverse, [(("reverse_transforms", _first), "in_file"),
+                                    ("registration_metadata", "extra_metadata")]),
+        (ds_t1w, outputnode, [("out_file", "t1w_template")]),
+        (ds_mask_template, outputnode, [("out_file", "brain_mask_template")]),
+    ])
+    for ds in sinks:
+        workflow.connect(inputnode, "t1w", ds, "source_file")
+
+    if model_dir:
+        _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template,
+                       template=template, model_dir=model_dir, device=device,
+                       bids_dir=bids_dir, output_dir=output_dir)
+    return workflow
+
+
+def _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template, *, template,
+                   model_dir, device, bids_dir, output_dir) -> None:
+    """The lead's inference sub-workflow, fed with this T1w's derivatives."""
+    from .inference import init_inference_wf  # late: optional, heavy (torch)
+
+    kwargs = dict(model_dir=str(model_dir), device=device, bids_dir=bids_dir,
+                  output_dir=output_dir, name="inference_wf")
+    accepted = inspect.signature(init_inference_wf).parameters
+    if "template" in accepted:
+        kwargs["template"] = template.name
+    if "resolution" in accepted:
+        kwargs["resolution"] = template.resolution
+    inference_wf = init_inference_wf(**kwargs)
+    workflow.connect([
+        (ds_t1w, inference_wf, [("out_file", "inputnode.t1w_template")]),
+        (ds_mask_template, inference_wf, [("out_file", "inputnode.brain_mask_template")]),
+        (register, inference_wf, [("reverse_transforms", "inputnode.reverse_transforms")]),
+        (inputnode, inference_wf, [("t1w", "inputnode.t1w_native"),
+                                   ("t1w", "inputnode.source_file")]),
+    ])
