@@ -212,6 +212,10 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         # recycle worker processes so memory from PyTorch/ANTs is returned
         plugin_args.setdefault("raise_insufficient", False)
         plugin_args.setdefault("maxtasksperchild", 1)
+        # workers start from a clean forkserver: a worker forked from a process whose
+        # PyTorch/OpenMP thread pool is already running can hang forever in its first
+        # parallel region (seen with the inference node when the caller had used torch)
+        plugin_args.setdefault("mp_context", "forkserver")
         omp_nthreads = min(omp_nthreads, nprocs)  # a node may not need more CPUs than the pool has
 
     return cfg.RunConfig(

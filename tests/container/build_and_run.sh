@@ -22,6 +22,8 @@
 #   GRAZBIDS_CONTAINER_CACHE  cache folder (default /var/tmp/grazbids-container): debootstrap
 #                             rootfs tarball and buildah storage
 #   IMAGE                     image name (default localhost/grazbids:test)
+#   BASE_IMAGE                another base image already in the cache's storage (default: the
+#                             debootstrap one, made when missing)
 #   PYTHON                    Python with nibabel/nilearn/numpy for making the tiny dataset
 #                             (default: .venv/bin/python of the repository, else python3)
 #   REAL_BIDS                 real dataset to downsample (default ../shared/data/ds002748);
@@ -46,7 +48,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 STEP=${1:-all}
 CACHE=${GRAZBIDS_CONTAINER_CACHE:-/var/tmp/grazbids-container}
 IMAGE=${IMAGE:-localhost/grazbids:test}
-BASE_IMAGE=localhost/grazbids-base:bookworm
+DEFAULT_BASE=localhost/grazbids-base:bookworm
+BASE_IMAGE=${BASE_IMAGE:-$DEFAULT_BASE}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 WHEELS_DIR=${WHEELS_DIR:-/opt/wheels}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -88,6 +91,11 @@ mkdir -p "$CACHE"
 
 # ------------------------------------------------------------------ 1. base image
 make_base() {
+    if [ "$BASE_IMAGE" != "$DEFAULT_BASE" ]; then
+        bh inspect --type image "$BASE_IMAGE" >/dev/null 2>&1 || die "base image $BASE_IMAGE not in $CACHE/storage"
+        log "base image $BASE_IMAGE (given)"
+        return
+    fi
     if bh inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
         log "base image $BASE_IMAGE cached"
         return
