@@ -1,7 +1,6 @@
 """The participant workflow: graph, crash files, and a real-data run on sub-01."""
 import json
 import time
-from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -11,7 +10,6 @@ from nipype.pipeline import engine as pe
 
 from grazbids.interfaces.masks import dice
 from grazbids.templates import EMBEDDED_TEMPLATE, ensure_embedded_template
-from grazbids.workflows import participant
 from grazbids.workflows.participant import (
     anat_workflow_name,
     init_participant_wf,

@@ -1,17 +1,23 @@
 """RegisterToTemplate / ApplyTransforms on a synthetic brain with a known affine."""
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nb
 import numpy as np
 import pytest
 
-from grazbids.interfaces.masks import BrainMaskOverlap, NativeBrainMask, dice
+from grazbids.interfaces.masks import BrainMaskOverlap, dice
 from grazbids.interfaces.registration import (
     STAGES,
     ApplyTransforms,
-    RegisterToTemplate,
     antsregistration_args,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # moving = template shrunk by 10 %, rotated 6 degrees about z, shifted (mm)
 _ANGLE = np.deg2rad(6.0)
@@ -59,22 +65,42 @@ def phantom(tmp_path_factory):
     return root
 
 
+_REGISTER_TWICE = """
+import json, sys
+from pathlib import Path
+from grazbids.interfaces.masks import NativeBrainMask
+from grazbids.interfaces.registration import RegisterToTemplate
+root = Path(sys.argv[1])
+mask = NativeBrainMask(in_file=str(root / "sub-01_T1w.nii.gz")).run(cwd=str(root))
+runs = []
+for attempt in (1, 2):
+    cwd = root / f"run{attempt}"
+    cwd.mkdir()
+    result = RegisterToTemplate(
+        moving_image=str(root / "sub-01_T1w.nii.gz"),
+        fixed_image=str(root / "template_T1w.nii.gz"),
+        fixed_mask=str(root / "template_mask.nii.gz"),
+        moving_mask=mask.outputs.out_mask, registration="affine", random_seed=7,
+        num_threads=1,
+    ).run(cwd=str(cwd))
+    runs.append(result.outputs.get())
+print(json.dumps({"moving_mask": mask.outputs.out_mask, "runs": runs}))
+"""
+
+
 @pytest.fixture(scope="module")
 def registered(phantom):
-    """Affine registration of the phantom, run twice (determinism)."""
-    mask = NativeBrainMask(in_file=str(phantom / "sub-01_T1w.nii.gz")).run(cwd=str(phantom))
-    runs = []
-    for attempt in (1, 2):
-        cwd = phantom / f"run{attempt}"
-        cwd.mkdir()
-        runs.append(RegisterToTemplate(
-            moving_image=str(phantom / "sub-01_T1w.nii.gz"),
-            fixed_image=str(phantom / "template_T1w.nii.gz"),
-            fixed_mask=str(phantom / "template_mask.nii.gz"),
-            moving_mask=mask.outputs.out_mask, registration="affine", random_seed=7,
-            num_threads=1,
-        ).run(cwd=str(cwd)))
-    return mask.outputs.out_mask, runs
+    """Affine registration of the phantom, run twice (determinism).
+
+    In a fresh interpreter: ITK fixes its thread count when it first starts threads in
+    a process, and only single-threaded registration is bit-reproducible."""
+    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _REGISTER_TWICE, str(phantom)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = [SimpleNamespace(outputs=SimpleNamespace(**run)) for run in result["runs"]]
+    return result["moving_mask"], runs
 
 
 def test_affine_registration_recovers_the_brain(phantom, registered):
@@ -163,3 +189,27 @@ def test_schedule_is_defined_in_mm():
     assert not any("MeanSquares" in a for a in at_1mm)  # no masks, no mask term
     assert at_2mm[at_2mm.index("--initial-moving-transform") + 1] == "[fm.nii.gz,mm.nii.gz,1]"
     assert at_2mm[at_2mm.index("--random-seed") + 1] == "3"
+
+
+def test_skullstripped_check_tells_brains_from_heads(phantom, tmp_path):
+    from grazbids.interfaces.masks import SkullStrippedCheck
+
+    brain_img = nb.load(phantom / "template_T1w.nii.gz")
+    brain = brain_img.get_fdata()
+    mask = phantom / "template_mask.nii.gz"
+    assert SkullStrippedCheck(in_file=str(phantom / "template_T1w.nii.gz"),
+                              brain_mask=str(mask)).run(cwd=str(tmp_path)).outputs.skull_stripped
+    # a "head": a bright scalp/skull shell ~10 mm outside the brain, and the noise floor
+    # of an unmasked image (no voxel is exactly 0)
+    affine, points = _grid(brain.shape, 2.0)
+    x, y, z = points.T
+    radius = np.sqrt((x / 75) ** 2 + (y / 90) ** 2 + (z / 68) ** 2).reshape(brain.shape)
+    noise = np.random.default_rng(0).uniform(1.0, 4.0, brain.shape)
+    head = brain + np.where((radius > 1.0) & (radius < 1.08), 80.0, 0.0) + noise
+    head_file = tmp_path / "head_T1w.nii.gz"
+    nb.save(nb.Nifti1Image(head.astype(np.float32), brain_img.affine), head_file)
+    result = SkullStrippedCheck(in_file=str(head_file), brain_mask=str(mask)).run(cwd=str(tmp_path))
+    assert not result.outputs.skull_stripped and result.outputs.outside_fraction > 0.2
+    # and the native brain mask of a head is not a plausible brain (mask term is skipped)
+    from grazbids.interfaces.masks import NativeBrainMask
+    assert NativeBrainMask(in_file=str(head_file)).run(cwd=str(tmp_path)).outputs.volume_ml > 2500

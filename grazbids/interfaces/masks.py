@@ -7,9 +7,11 @@
   subject's brain mask brought onto the template grid (linear interpolation, > 0.5).
   This is the registration quality number reported in docs/preprocessing.md.
 * `SkullStrippedCheck`: decides BIDS `SkullStripped` for the T1w: true when at most
-  `max_outside_fraction` (1 %) of the total T1w signal lies outside the template brain
+  `max_outside_fraction` (5 %) of the total T1w signal lies outside the template brain
   mask mapped to native space and dilated by `margin_mm` (5 mm, for registration slack).
-  A T1w with skull and scalp has tens of percent of its signal there.
+  Brain-extracted ds002748 images leave 0.06-1 % there after an affine registration
+  (sub-48, the worst-registered, 0.98 %); skull, scalp and neck put tens of percent
+  of a T1w's signal there.
 
 Template-space brain/tissue maps are the template's own files at the chosen resolution
 (`grazbids.templates.get_template`); native-space ones are those maps warped back with
@@ -149,7 +151,7 @@ class _SkullStrippedInputSpec(BaseInterfaceInputSpec):
     brain_mask = File(exists=True, mandatory=True,
                       desc="template brain mask mapped onto the T1w grid")
     margin_mm = traits.Float(5.0, usedefault=True, desc="dilation of the mask")
-    max_outside_fraction = traits.Float(0.01, usedefault=True,
+    max_outside_fraction = traits.Float(0.05, usedefault=True,
                                         desc="largest signal fraction outside the mask "
                                              "for a skull-stripped image")
 

@@ -22,8 +22,14 @@ parameter that matters is visible here:
   factors of the template grid, so res-1 and res-2 templates get the same schedule. An
   extra 2 mm affine level tripled the registration time and changed the Dice by < 0.001
   (sub-06, sub-41); deformations are estimated at 4 mm and written on the template grid.
-* Deterministic: regular sampling with a fixed `--random-seed` (0 keeps ITK's own fixed
-  default seed); identical parameters across runs and for 1 or 2 threads.
+* Reproducible: regular sampling with a fixed `--random-seed` (0 keeps ITK's own fixed
+  default seed). Runs are bit-identical with one thread; with more, ITK's parallel metric
+  sums change order between runs (parameters differ by up to ~0.1 mm, the brain-mask
+  Dice by < 0.001 on sub-06 and sub-48), as for fMRIPrep's `--omp-nthreads 1` advice.
+* Threads: ITK reads ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS when it first starts threads
+  in a process and keeps that count; `num_threads` is exported for the call, which
+  decides in a fresh process (a Nipype worker, or the main process when registration is
+  its first ITK work). antspyx offers no other control.
 
 `ApplyTransforms` resamples any image through a list of transform files.
 """
@@ -87,7 +93,9 @@ STAGES = {
 
 @contextmanager
 def itk_threads(num_threads: int):
-    """Set ITK's thread count for the calls inside (ITK reads it when it first threads)."""
+    """Export ITK's thread count for the calls inside.
+
+    Effective only before ITK's first threaded work in this process (see module doc)."""
     key = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
     old = os.environ.get(key)
     os.environ[key] = str(max(1, int(num_threads)))
