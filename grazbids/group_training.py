@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nb
@@ -24,6 +24,7 @@ from .engine import (
     encode_labels, participant_folds, save_bundle, zplus_heatmap,
 )
 from .engine.trainer import distributed_rank_and_size
+from .explanation_table import COLUMN_DESCRIPTIONS, participant_row, reference_masks, summarise, tissue_maps
 from .utils.atomic import atomic_path, write_json, write_text
 
 LOG = logging.getLogger("grazbids.group")
@@ -41,6 +42,8 @@ class Sample:
     image: Path
     mask: Path
     label: str
+    tissues: dict[str, Path] = field(default_factory=dict)  # GM/WM/CSF probabilities in template space
+    references: dict[str, Path] = field(default_factory=dict)  # known effect/shortcut masks (derivatives)
 
 
 def _entity(name: str, key: str) -> str | None:
@@ -70,7 +73,7 @@ def read_targets(bids_dir: str | Path, target_column: str) -> dict[str, str]:
 
 def find_samples(
     output_dir: str | Path, participants: list[str], targets: dict[str, str], template: str, resolution: int,
-    target_column: str = "target",
+    target_column: str = "target", bids_dir: str | Path | None = None,
 ) -> list[Sample]:
     """Preprocessed T1w + brain mask in template space, one sample per session/run."""
     samples = []
@@ -83,7 +86,10 @@ def find_samples(
             mask = image.with_name(image.name.replace("_desc-preproc_T1w", "_desc-brain_mask"))
             if not mask.exists():
                 raise GroupInputError(f"{image}: brain mask {mask.name} is missing; rerun the participant level")
-            samples.append(Sample(participant, _entity(image.name, "ses"), image, mask, targets[participant]))
+            session = _entity(image.name, "ses")
+            references = reference_masks(Path(bids_dir), participant, session, template, resolution) if bids_dir else {}
+            samples.append(Sample(participant, session, image, mask, targets[participant],
+                                  tissue_maps(image), references))
     return samples
 
 
@@ -126,6 +132,26 @@ def _save_nifti(path: Path, data: np.ndarray, affine) -> None:
         nb.save(nb.Nifti1Image(data.astype(np.float32), affine), str(tmp))
 
 
+def _write_explanation_metrics(out_dir: Path, samples: list[Sample], rows: list[dict], predicted: list[str],
+                               mode: str) -> None:
+    """Per-participant table of where the out-of-fold heat maps put relevance, and its summary."""
+    columns = [c for c in COLUMN_DESCRIPTIONS if any(c in r for r in rows)]
+    table = pd.DataFrame({
+        "participant_id": [f"sub-{s.participant}" for s in samples],
+        "session_id": [f"ses-{s.session}" if s.session else "n/a" for s in samples],
+        "true_label": [s.label for s in samples], "predicted_label": predicted,
+        **{c: [r.get(c, np.nan) for r in rows] for c in columns},
+    })
+    _tsv(out_dir / "explanation_metrics.tsv", table)
+    write_json(out_dir / "explanation_metrics.json", {
+        "true_label": {"Description": "target value in participants.tsv"},
+        "predicted_label": {"Description": "class with the highest out-of-fold probability"},
+        **{c: {"Description": COLUMN_DESCRIPTIONS[c] + " (z+ heat map of the out-of-fold model, template space)"}
+           for c in columns},
+    })
+    write_json(out_dir / "explanation_summary.json", {"mode": mode, **summarise(rows, [s.label for s in samples])})
+
+
 def train_mode(
     mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
     cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
@@ -145,6 +171,7 @@ def train_mode(
     oof_probs = np.full((len(samples), len(classes)), np.nan)
     oof_fold = np.zeros(len(samples), dtype=int)
     oof_inside = np.full(len(samples), np.nan)
+    explanation_rows: list[dict] = [{} for _ in samples]
     heat_sum = np.zeros((len(classes), *arch.input_shape))
     heat_n = np.zeros(len(classes))
     fold_rows = []
@@ -160,6 +187,9 @@ def train_mode(
         relevance = relevance[:, 0].numpy()
         inside = (relevance * data.masks[val, 0].numpy()).sum(axis=(1, 2, 3)) / np.maximum(relevance.sum(axis=(1, 2, 3)), 1e-12)
         oof_inside[val] = inside
+        for i, r in zip(val, relevance):
+            s = samples[i]
+            explanation_rows[i] = participant_row(r, data.masks[i, 0].numpy(), s.tissues, s.references)
         for i, r in zip(val, relevance):
             heat_sum[int(data.labels[i])] += r
             heat_n[int(data.labels[i])] += 1
@@ -210,6 +240,7 @@ def train_mode(
         **{f"probability_{_safe(c)}": {"Description": f"out-of-fold probability of class {c!r}"} for c in classes},
         "relevance_inside_mask": {"Description": "fraction of z+ relevance inside the brain mask (out-of-fold model)"},
     })
+    _write_explanation_metrics(out_dir, samples, explanation_rows, oof["predicted_label"].tolist(), mode)
     for j, c in enumerate(classes):
         if heat_n[j]:
             _save_nifti(out_dir / f"tpl-{template}_res-{resolution}_class-{_safe(c)}_desc-meanzplus_heatmap.nii.gz",
@@ -251,7 +282,7 @@ def run_group_training(
 ) -> dict:
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     targets = read_targets(bids_dir, target_column)
-    samples = find_samples(output_dir, participants, targets, template, resolution, target_column)
+    samples = find_samples(output_dir, participants, targets, template, resolution, target_column, bids_dir)
     if len({s.participant for s in samples}) < cv_folds:
         raise GroupInputError(
             f"only {len({s.participant for s in samples})} participants with preprocessed data and a {target_column!r} "
@@ -272,4 +303,20 @@ def run_group_training(
             work_dir=work_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
         )
+    if _is_main_process():
+        _write_modes_summary(output_dir / "group", summaries)
     return summaries
+
+
+def _write_modes_summary(group_dir: Path, summaries: dict[str, dict]) -> None:
+    """One row per trained mode: CV accuracy and where its heat maps put relevance."""
+    rows = []
+    for mode, cv in summaries.items():
+        explanation = json.loads((group_dir / f"mode-{mode}" / "explanation_summary.json").read_text())["mean"]
+        rows.append({
+            "mode": mode, "balanced_accuracy_mean": cv["balanced_accuracy_mean"],
+            "balanced_accuracy_sd": cv["balanced_accuracy_sd"],
+            "pooled_oof_balanced_accuracy": cv["pooled_oof_balanced_accuracy"],
+            **{k: (np.nan if v is None else v) for k, v in explanation.items()},
+        })
+    _tsv(group_dir / "modes_summary.tsv", pd.DataFrame(rows))

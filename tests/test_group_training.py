@@ -13,7 +13,7 @@ from grazbids.inference import predict
 TPL, RES = "MNI152NLin2009aSym", 2
 
 
-def _cohort(tmp_path, n=8, shape=(16, 16, 16)):
+def _cohort(tmp_path, n=8, shape=(16, 16, 16), references=False):
     bids, out = tmp_path / "bids", tmp_path / "out"
     bids.mkdir()
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "toy", "BIDSVersion": "1.9.0"}))
@@ -32,6 +32,18 @@ def _cohort(tmp_path, n=8, shape=(16, 16, 16)):
         stem = f"sub-{i:02d}_space-{TPL}_res-{RES}"
         nb.save(nb.Nifti1Image(image.astype(np.float32), np.eye(4)), str(anat / f"{stem}_desc-preproc_T1w.nii.gz"))
         nb.save(nb.Nifti1Image(mask.astype(np.uint8), np.eye(4)), str(anat / f"{stem}_desc-brain_mask.nii.gz"))
+        if references:  # tissue maps beside the image; effect/shortcut masks as input derivatives
+            for tissue, share in (("GM", 0.5), ("WM", 0.3), ("CSF", 0.2)):
+                nb.save(nb.Nifti1Image(mask * share, np.eye(4)), str(anat / f"{stem}_label-{tissue}_probseg.nii.gz"))
+            sim = bids / "derivatives" / "simulation" / f"sub-{i:02d}" / "anat"
+            sim.mkdir(parents=True)
+            effect = np.zeros(shape, np.uint8)
+            if label == "m":
+                effect[7:10, 7:10, 7:10] = 1
+            shortcut = np.zeros(shape, np.uint8)
+            shortcut[0:2, 0:2, 0:2] = 1
+            nb.save(nb.Nifti1Image(effect, np.eye(4)), str(sim / f"{stem}_desc-effect_mask.nii.gz"))
+            nb.save(nb.Nifti1Image(shortcut, np.eye(4)), str(sim / f"{stem}_desc-shortcut_mask.nii.gz"))
     pd.DataFrame(rows).to_csv(bids / "participants.tsv", sep="\t", index=False)
     return bids, out, [f"{i:02d}" for i in range(n)]
 
@@ -43,7 +55,7 @@ def _run(bids, out, participants, tmp_path, **kw):
 
 
 def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
-    bids, out, participants = _cohort(tmp_path)
+    bids, out, participants = _cohort(tmp_path, references=True)
     summary = _run(bids, out, participants, tmp_path, modes=["plain", "grazplus"])
     assert set(summary) == {"plain", "grazplus"}
     mode_dir = out / "group" / "mode-grazplus"
@@ -59,6 +71,21 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
         heat = nb.load(str(mode_dir / f"tpl-{TPL}_res-{RES}_class-{cls}_desc-meanzplus_heatmap.nii.gz"))
         assert heat.shape == (16, 16, 16) and np.isclose(heat.get_fdata().sum(), 1, rtol=1e-3)
     assert (mode_dir / "history" / "fold-1_history.tsv").exists()
+    metrics = pd.read_csv(mode_dir / "explanation_metrics.tsv", sep="\t")
+    assert metrics["participant_id"].tolist() == oof["participant_id"].tolist()
+    shares = metrics[["relevance_gm", "relevance_wm", "relevance_csf", "relevance_outside_brain"]].sum(axis=1)
+    np.testing.assert_allclose(shares, 1, atol=1e-6)  # the tissue shares partition the relevance
+    np.testing.assert_allclose(metrics["relevance_inside_brain"] + metrics["relevance_outside_brain"], 1, atol=1e-6)
+    assert metrics.loc[metrics.true_label == "f", "relevance_inside_effect"].isna().all()  # no effect in controls
+    assert metrics.loc[metrics.true_label == "m", "roc_auc_effect"].between(0, 1).all()
+    assert metrics["relevance_inside_shortcut"].between(0, 1).all()
+    explained = json.loads((mode_dir / "explanation_summary.json").read_text())
+    assert explained["n_samples"] == 7
+    assert np.isclose(explained["mean"]["relevance_gm"], metrics["relevance_gm"].mean())
+    assert set(explained["mean_per_true_class"]) == {"f", "m"}
+    modes = pd.read_csv(out / "group" / "modes_summary.tsv", sep="\t")
+    assert modes["mode"].tolist() == ["plain", "grazplus"]
+    assert np.isclose(modes.loc[1, "relevance_inside_brain"], metrics["relevance_inside_brain"].mean())
     model, card = load_bundle(mode_dir / "model")
     assert card["target_column"] == "gender" and card["training_data"]["n_per_class"] == {"f": 4, "m": 3}
     image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
