@@ -7,6 +7,7 @@ the CV scores. Outputs go to ``output_dir/group/mode-<mode>/``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -111,6 +112,17 @@ def load_cohort(samples: list[Sample]) -> tuple[TrainingData, list[str], np.ndar
         torch.from_numpy(labels), len(classes),
     )
     return data, classes, affine
+
+
+def cohort_key(samples: list[Sample], cv_folds: int, template: str, resolution: int) -> str:
+    """Names the checkpoint folder: a checkpoint only resumes for the same cohort and folds.
+
+    (The trainer's own fingerprint covers the settings and the training indices, not which
+    images those indices point to.)
+    """
+    content = [[str(Path(s.image).resolve()), s.image.stat().st_mtime_ns, s.label] for s in samples]
+    content += [cv_folds, template, resolution]  # a rewritten image (new mtime) starts afresh
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
 def _is_main_process() -> bool:
@@ -296,11 +308,13 @@ def run_group_training(
         dataset_name = json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("Name", "")
     except (OSError, json.JSONDecodeError):
         dataset_name = ""
+    cohort_dir = work_dir / f"cohort-{cohort_key(samples, cv_folds, template, resolution)}"
+    LOG.info("group level: training checkpoints in %s (an interrupted run resumes from them)", cohort_dir)
     summaries = {}
     for mode in modes:
         summaries[mode] = train_mode(
             mode, data, samples, classes, affine, out_dir=output_dir / "group" / f"mode-{mode}",
-            work_dir=work_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
+            work_dir=cohort_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
         )
     if _is_main_process():

@@ -104,3 +104,17 @@ def test_group_input_errors(tmp_path):
         _run(bids, out, ["00", "01"], tmp_path)
     with pytest.raises(GroupInputError, match="need at least --cv-folds=6"):
         _run(bids, out, participants, tmp_path, cv_folds=6)
+
+
+def test_rerun_resumes_from_the_checkpoints_of_the_same_cohort(tmp_path):
+    """Finished folds are not retrained; another cohort gets its own checkpoint folder."""
+    bids, out, participants = _cohort(tmp_path, n=6)
+    first = _run(bids, out, participants, tmp_path, epochs=1)
+    checkpoints = sorted((tmp_path / "work").glob("cohort-*/mode-grazplus/*/checkpoint.safetensors"))
+    assert len(checkpoints) == 3  # two folds and the final model
+    stamps = [c.stat().st_mtime_ns for c in checkpoints]
+    second = _run(bids, out, participants, tmp_path, epochs=1)
+    assert [c.stat().st_mtime_ns for c in checkpoints] == stamps  # nothing retrained
+    assert second["grazplus"]["per_fold"] == first["grazplus"]["per_fold"]
+    _run(bids, out, participants[1:], tmp_path, epochs=1)
+    assert len(list((tmp_path / "work").glob("cohort-*"))) == 2

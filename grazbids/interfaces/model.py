@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import (
-    BaseInterface, BaseInterfaceInputSpec, File, InputMultiObject, TraitedSpec, traits,
+    BaseInterface, BaseInterfaceInputSpec, File, InputMultiObject, TraitedSpec, isdefined, traits,
 )
 
 
@@ -84,6 +84,8 @@ class _GroupTrainingInputSpec(BaseInterfaceInputSpec):
     template = traits.Str(mandatory=True)
     resolution = traits.Int(mandatory=True)
     ready = InputMultiObject(traits.Any, desc="barrier: participant preprocessing outputs")
+    checkpoint_dir = traits.Str(nohash=True, desc="persistent folder for training checkpoints "
+                                "(default: the node's folder, which Nipype empties on a rerun)")
 
 
 class _GroupTrainingOutputSpec(TraitedSpec):
@@ -105,7 +107,8 @@ class GroupTraining(BaseInterface):
             bids_dir=inputs.bids_dir, output_dir=inputs.output_dir, participants=list(inputs.participants),
             target_column=inputs.target_column, modes=list(inputs.modes), cv_folds=inputs.cv_folds,
             epochs=inputs.epochs, seed=inputs.seed, device=inputs.device, template=inputs.template,
-            resolution=inputs.resolution, work_dir=Path(runtime.cwd) / "training",
+            resolution=inputs.resolution,
+            work_dir=Path(inputs.checkpoint_dir) if isdefined(inputs.checkpoint_dir) else Path(runtime.cwd) / "training",
         )
         summary = Path(runtime.cwd) / "summary.json"
         summary.write_text(json.dumps(summaries, indent=2))

@@ -10,6 +10,8 @@ node back to its participant by that name, which is how failures are attributed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import re
 
 from ..config import GROUP_WORKFLOW_NAME, WORKFLOW_NAME, RunConfig, participant_workflow_name
@@ -110,6 +112,7 @@ def _add_group_wf(workflow, config: RunConfig, participant_wfs, niu, pe) -> None
         device=config.device,
         template=config.template,
         resolution=config.resolution,
+        checkpoint_dir=str(Path(config.work_dir) / "group_training"),
         name=GROUP_WORKFLOW_NAME,
     )
     if participant_wfs:

@@ -9,9 +9,15 @@ from ..interfaces.model import GroupTraining
 
 def init_group_wf(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
-    epochs: int, seed: int, device: str, template: str, resolution: int, name: str = "group_wf",
+    epochs: int, seed: int, device: str, template: str, resolution: int, checkpoint_dir: str | None = None,
+    name: str = "group_wf",
 ) -> pe.Workflow:
-    """``inputnode.ready`` is a barrier: connect the participant outputs so training waits."""
+    """``inputnode.ready`` is a barrier: connect the participant outputs so training waits.
+
+    ``checkpoint_dir`` (default: inside the node's folder) keeps the training checkpoints
+    outside Nipype's node folder, which Nipype empties when it reruns an unfinished node:
+    there, an interrupted training resumes instead of starting over.
+    """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["ready"]), name="inputnode")
     train = pe.Node(
@@ -19,6 +25,7 @@ def init_group_wf(
             bids_dir=str(bids_dir), output_dir=str(output_dir), participants=list(participants),
             target_column=target_column, modes=list(modes), cv_folds=cv_folds, epochs=epochs, seed=seed,
             device=device, template=template, resolution=resolution,
+            **({"checkpoint_dir": checkpoint_dir} if checkpoint_dir else {}),
         ),
         name="train",
     )
