@@ -211,18 +211,25 @@ def train_mode(
             "balanced_accuracy": balanced_accuracy(y_val, result.val_probabilities.argmax(1), len(classes)),
             "accuracy": float(np.mean(result.val_probabilities.argmax(1) == y_val)),
             "relevance_inside_mask": float(np.mean(inside)),
+            # the selected epoch was chosen on this same fold (optimistic); the last epoch was not
+            "last_epoch_balanced_accuracy": float(result.history[-1]["val_balanced_accuracy"]),
         })
         if _is_main_process():
             write_text(out_dir / "history" / f"fold-{k}_history.tsv", (work_dir / f"fold-{k}" / "history.tsv").read_text())
 
     folds_table = pd.DataFrame(fold_rows)
     ba = folds_table["balanced_accuracy"].to_numpy()
+    last = folds_table["last_epoch_balanced_accuracy"].to_numpy()
     y_all = data.labels.numpy()
     cv_summary = {
         "mode": mode, "folds": cv_folds, "target_column": target_column, "classes": classes,
         "balanced_accuracy_mean": float(ba.mean()), "balanced_accuracy_sd": float(ba.std(ddof=1)) if len(ba) > 1 else 0.0,
         "balanced_accuracy_min": float(ba.min()), "balanced_accuracy_max": float(ba.max()),
         "pooled_oof_balanced_accuracy": balanced_accuracy(y_all, oof_probs.argmax(1), len(classes)),
+        "last_epoch_balanced_accuracy_mean": float(last.mean()),
+        "last_epoch_balanced_accuracy_sd": float(last.std(ddof=1)) if len(last) > 1 else 0.0,
+        "note": "balanced_accuracy is measured at the epoch selected on the same validation fold, an optimistic "
+                "estimate; last_epoch_balanced_accuracy (fixed number of epochs) is not selected on it",
         "relevance_inside_mask_mean": float(np.nanmean(oof_inside)),
         "per_fold": fold_rows,
     }
@@ -331,6 +338,8 @@ def _write_modes_summary(group_dir: Path, summaries: dict[str, dict]) -> None:
             "mode": mode, "balanced_accuracy_mean": cv["balanced_accuracy_mean"],
             "balanced_accuracy_sd": cv["balanced_accuracy_sd"],
             "pooled_oof_balanced_accuracy": cv["pooled_oof_balanced_accuracy"],
+            "last_epoch_balanced_accuracy_mean": cv["last_epoch_balanced_accuracy_mean"],
+            "last_epoch_balanced_accuracy_sd": cv["last_epoch_balanced_accuracy_sd"],
             **{k: (np.nan if v is None else v) for k, v in explanation.items()},
         })
     _tsv(group_dir / "modes_summary.tsv", pd.DataFrame(rows))

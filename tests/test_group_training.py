@@ -66,7 +66,9 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     np.testing.assert_allclose(oof[["probability_f", "probability_m"]].sum(axis=1), 1, rtol=1e-5)
     for fold in (1, 2):  # never the same participant in training and validation
         assert set(oof[oof.fold == fold].participant_id).isdisjoint(oof[oof.fold != fold].participant_id)
-    assert json.loads((mode_dir / "cv_metrics.json").read_text())["classes"] == ["f", "m"]
+    cv = json.loads((mode_dir / "cv_metrics.json").read_text())
+    assert cv["classes"] == ["f", "m"]
+    assert np.isclose(cv["last_epoch_balanced_accuracy_mean"], folds["last_epoch_balanced_accuracy"].mean())
     for cls in ("f", "m"):
         heat = nb.load(str(mode_dir / f"tpl-{TPL}_res-{RES}_class-{cls}_desc-meanzplus_heatmap.nii.gz"))
         assert heat.shape == (16, 16, 16) and np.isclose(heat.get_fdata().sum(), 1, rtol=1e-3)
