@@ -82,6 +82,9 @@ def test_inference_is_fed_when_a_model_is_given(tiny_bids, tmp_path, monkeypatch
         fields = ["t1w_template", "brain_mask_template", "reverse_transforms", "t1w_native",
                   "source_file"]
         wf.add_nodes([pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")])
+        # the sinks the report section reads
+        wf.add_nodes([pe.Node(niu.IdentityInterface(fields=["out_file"]), name=sink)
+                      for sink in ("ds_heatmap_template", "ds_heatmap_native", "ds_predictions")])
         return wf
 
     monkeypatch.setattr(inference, "init_inference_wf", fake_inference_wf)
@@ -101,6 +104,24 @@ def test_inference_is_fed_when_a_model_is_given(tiny_bids, tmp_path, monkeypatch
         "inputnode.t1w_native": ("inputnode", "t1w"),
         "inputnode.source_file": ("inputnode", "t1w"),
     }
+    to_section = {in_field: (src.name, out_field) for src, dst, data in anat._graph.edges(data=True)
+                  if dst.name == "report_section" for out_field, in_field in data["connect"]}
+    assert to_section["heatmap_template"] == ("inference_wf", "ds_heatmap_template.out_file")
+    assert to_section["predictions"] == ("inference_wf", "ds_predictions.out_file")
+    assert to_section["derivatives"] == ("merge_derivatives", "out")
+    into_merge = sorted(src.name for src, dst, data in anat._graph.edges(data=True)
+                        if dst.name == "merge_derivatives" for _ in data["connect"])
+    assert into_merge.count("inference_wf") == 3 and len(into_merge) == 10  # + the 7 sinks
+
+
+def test_one_report_per_participant_from_every_t1w_section(tiny_bids, tmp_path):
+    bids_dir, files = tiny_bids
+    wf = _build(bids_dir, files, tmp_path / "out")
+    report = wf.get_node("participant_report")
+    assert report.inputs.subject == "07" and report.inputs.output_dir == str(tmp_path / "out")
+    merged = {dst: src.name for src, dst_node, data in wf._graph.edges(data=True)
+              if dst_node.name == "merge_report_sections" for _, dst in data["connect"]}
+    assert merged == {"in1": "anat_ses_a_wf", "in2": "anat_ses_b_wf"}
 
 
 def _fail(x):
@@ -153,7 +174,7 @@ def test_sub01_affine_res2_end_to_end(real_bids_dir, tmp_path):
 
     first = run()
     written = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file())
-    assert written == [f"sub-01/anat/{name}" for name in _expected_names()]
+    assert written == ["sub-01.html"] + [f"sub-01/anat/{name}" for name in _expected_names()]
 
     anat = output_dir / "sub-01" / "anat"
     t1w = anat / f"sub-01_space-{TPL}_res-2_desc-preproc_T1w.nii.gz"

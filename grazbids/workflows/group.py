@@ -5,6 +5,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.model import GroupTraining
+from ..interfaces.reports import GroupReport
 
 
 def init_group_wf(
@@ -30,4 +31,7 @@ def init_group_wf(
         name="train",
     )
     workflow.connect(inputnode, "ready", train, "ready")
+    # group/report.html, from the files the training wrote
+    report = pe.Node(GroupReport(output_dir=str(output_dir)), name="report", mem_gb=1.0)
+    workflow.connect(train, "summary", report, "ready")
     return workflow

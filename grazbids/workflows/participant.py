@@ -19,6 +19,7 @@ from nipype.pipeline.engine.utils import merge_dict
 from ..interfaces.derivatives import DerivativesSink, bids_derivative_name, parse_bids_name
 from ..interfaces.masks import BrainMaskOverlap, NativeBrainMask, SkullStrippedCheck
 from ..interfaces.registration import ApplyTransforms, RegisterToTemplate
+from ..interfaces.reports import ParticipantReport, ReportSection
 from ..templates import TemplateFiles, get_template
 
 TISSUES = ("GM", "WM", "CSF")
@@ -66,6 +67,10 @@ def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_
                         run_without_submitting=True)
     merge_mask = pe.Node(niu.Merge(len(t1w_files)), name="merge_brain_mask_template",
                          run_without_submitting=True)
+    merge_sections = pe.Node(niu.Merge(len(t1w_files)), name="merge_report_sections",
+                             run_without_submitting=True)
+    report = pe.Node(ParticipantReport(subject=subject, output_dir=str(output_dir)),
+                     name="participant_report", run_without_submitting=True)
     for index, t1w_file in enumerate(sorted(str(f) for f in t1w_files), start=1):
         anat_wf = init_anat_preproc_wf(
             t1w_file=t1w_file, template=template_files, bids_dir=str(bids_dir),
@@ -76,10 +81,12 @@ def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_
         workflow.connect([
             (anat_wf, merge_t1w, [("outputnode.t1w_template", f"in{index}")]),
             (anat_wf, merge_mask, [("outputnode.brain_mask_template", f"in{index}")]),
+            (anat_wf, merge_sections, [("outputnode.report_section", f"in{index}")]),
         ])
     workflow.connect([
         (merge_t1w, outputnode, [("out", "t1w_template")]),
         (merge_mask, outputnode, [("out", "brain_mask_template")]),
+        (merge_sections, report, [("out", "sections")]),
     ])
     set_crashdump_dir(workflow, Path(output_dir).absolute() / f"sub-{subject}" / "log")
     return workflow
@@ -93,7 +100,8 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     inputnode.inputs.t1w = t1w_file
-    outputnode = pe.Node(niu.IdentityInterface(fields=["t1w_template", "brain_mask_template"]),
+    outputnode = pe.Node(niu.IdentityInterface(fields=["t1w_template", "brain_mask_template",
+                                                       "report_section"]),
                          name="outputnode")
     space, res = template.name, str(template.resolution)
 
@@ -190,15 +198,36 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
     for ds in sinks:
         workflow.connect(inputnode, "t1w", ds, "source_file")
 
+    # the report section reads the written derivatives, after every sink (Merge: barrier)
+    section = pe.Node(ReportSection(output_dir=output_dir), name="report_section", mem_gb=1.0)
+    inference_sinks = ("ds_heatmap_template", "ds_heatmap_native", "ds_predictions") if model_dir else ()
+    written = pe.Node(niu.Merge(len(sinks) + len(inference_sinks), ravel_inputs=True),
+                      name="merge_derivatives", run_without_submitting=True)
+    for index, ds in enumerate(sinks, start=1):
+        workflow.connect(ds, "out_file", written, f"in{index}")
+    workflow.connect([
+        (inputnode, section, [("t1w", "source_file")]),
+        (ds_t1w, section, [("out_file", "t1w_template"), ("out_meta", "t1w_sidecar")]),
+        (ds_mask_template, section, [("out_file", "brain_mask_template")]),
+        (ds_probsegs_template, section, [("out_file", "probsegs_template")]),
+        (ds_xfm_forward, section, [("out_meta", "xfm_sidecar")]),
+        (qc, section, [("warped_mask", "subject_mask_template")]),
+        (written, section, [("out", "derivatives")]),
+        (section, outputnode, [("out_fragment", "report_section")]),
+    ])
     if model_dir:
-        _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template,
-                       template=template, model_dir=model_dir, device=device,
-                       bids_dir=bids_dir, output_dir=output_dir)
+        inference_wf = _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template,
+                                      template=template, model_dir=model_dir, device=device,
+                                      bids_dir=bids_dir, output_dir=output_dir)
+        for index, name in enumerate(inference_sinks, start=len(sinks) + 1):
+            workflow.connect(inference_wf, f"{name}.out_file", written, f"in{index}")
+        workflow.connect([(inference_wf, section, [("ds_heatmap_template.out_file", "heatmap_template"),
+                                                   ("ds_predictions.out_file", "predictions")])])
     return workflow
 
 
 def _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template, *, template,
-                   model_dir, device, bids_dir, output_dir) -> None:
+                   model_dir, device, bids_dir, output_dir) -> pe.Workflow:
     """The lead's inference sub-workflow, fed with this T1w's derivatives."""
     from .inference import init_inference_wf  # late: optional, heavy (torch)
 
@@ -217,3 +246,4 @@ def _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template, *, t
         (inputnode, inference_wf, [("t1w", "inputnode.t1w_native"),
                                    ("t1w", "inputnode.source_file")]),
     ])
+    return inference_wf

@@ -1,0 +1,158 @@
+"""Brain figures (nilearn on the Agg backend), returned as PNG bytes.
+
+Each figure shows three orthogonal views above an axial mosaic, so a reader sees both
+one point in detail and the whole brain at a glance. Heat maps share one colour scale
+when they are compared (classes of the group report).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are rendered in headless workers
+
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nb  # noqa: E402
+import numpy as np  # noqa: E402
+from nilearn import plotting  # noqa: E402
+
+HEAT_CMAP = "hot"
+MOSAIC_SLICES = 12  # two rows of six axial slices
+# Relevance below this share of the colour maximum is left transparent, so the anatomy
+# under weak relevance stays visible.
+HEAT_THRESHOLD_SHARE = 0.1
+TEMPLATE_MASK_COLOUR = "#ff3030"
+SUBJECT_MASK_COLOUR = "#30ff30"
+WM_COLOUR = "#30c0ff"
+
+
+def png_bytes(fig) -> bytes:
+    """Render and close `fig` (closing matters: workers render many figures)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _load(img) -> nb.Nifti1Image:
+    img = nb.load(str(img)) if not isinstance(img, nb.spatialimages.SpatialImage) else img
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        img = nb.Nifti1Image(data[..., 0], img.affine)
+    return img
+
+
+def _world(img: nb.Nifti1Image, ijk) -> np.ndarray:
+    return nb.affines.apply_affine(img.affine, np.asarray(ijk, dtype=float))
+
+
+def mask_centre(mask_img) -> tuple[float, float, float]:
+    """World coordinates of the mask's centre of mass (cut point of the ortho views)."""
+    img = _load(mask_img)
+    voxels = np.argwhere(np.asanyarray(img.dataobj) > 0.5)
+    if not len(voxels):
+        voxels = np.argwhere(np.ones(img.shape[:3], bool))
+    return tuple(float(v) for v in _world(img, voxels.mean(0)))
+
+
+def axial_cuts(mask_img, n: int = MOSAIC_SLICES) -> list[float]:
+    """`n` evenly spaced axial (z) world coordinates through the inner 80 % of the mask."""
+    img = _load(mask_img)
+    data = np.asanyarray(img.dataobj) > 0.5
+    slices = np.flatnonzero(data.any(axis=(0, 1)))
+    low, high = (slices.min(), slices.max()) if len(slices) else (0, img.shape[2] - 1)
+    span = high - low
+    ks = np.linspace(low + 0.1 * span, high - 0.1 * span, n)
+    centre = np.array(img.shape[:3]) / 2
+    # z of voxel (centre_i, centre_j, k): exact for the axis-aligned template grids
+    return [float(_world(img, [centre[0], centre[1], k])[2]) for k in ks]
+
+
+def robust_max(images, mask_img=None, percentile: float = 99.9) -> float:
+    """Colour maximum shared by several heat maps: the highest of their percentiles."""
+    mask = None if mask_img is None else np.asanyarray(_load(mask_img).dataobj) > 0.5
+    values = []
+    for img in images:
+        data = np.asanyarray(_load(img).dataobj, dtype=np.float64)
+        data = data[mask] if mask is not None and mask.shape == data.shape else data.ravel()
+        positive = data[np.isfinite(data) & (data > 0)]
+        if positive.size:
+            values.append(float(np.percentile(positive, percentile)))
+    return max(values) if values else 1.0
+
+
+def _contours(display, outlines) -> None:
+    for img, colour in outlines:
+        with warnings.catch_warnings():  # nilearn warns when a slice misses the contour
+            warnings.simplefilter("ignore")
+            display.add_contours(_load(img), levels=[0.5], colors=[colour], linewidths=1.2)
+
+
+def _ortho_and_mosaic(plot, *, cut, cuts, title: str, outlines=(), width: float = 11.0):
+    """`plot(display_mode, cut_coords, figure, axes, title)`: an ortho row, then the
+    axial slices `cuts` in two mosaic rows (one row would make them too small)."""
+    fig = plt.figure(figsize=(width, width * 0.72), facecolor="black")
+    half = (len(cuts) + 1) // 2
+    displays = [plot("ortho", cut, fig, (0.0, 0.5, 1.0, 0.5), title),
+                plot("z", cuts[:half], fig, (0.0, 0.25, 1.0, 0.25), None),
+                plot("z", cuts[half:], fig, (0.0, 0.0, 1.0, 0.25), None)]
+    for display in displays:
+        _contours(display, outlines)
+    return png_bytes(fig)
+
+
+def anatomy_figure(anat_img, *, mask_img, title: str, outlines=()) -> bytes:
+    """Anatomy with coloured outlines, e.g. template brain mask and tissue boundaries."""
+    anat = _load(anat_img)
+
+    def plot(mode, coords, fig, axes, ttl):
+        return plotting.plot_anat(anat, display_mode=mode, cut_coords=coords, figure=fig, axes=axes,
+                                  title=ttl, black_bg=True, draw_cross=False, dim=-0.3,
+                                  annotate=mode == "ortho", colorbar=False)
+
+    return _ortho_and_mosaic(plot, cut=mask_centre(mask_img), cuts=axial_cuts(mask_img),
+                             title=title, outlines=outlines)
+
+
+def heatmap_figure(heat_img, anat_img, *, mask_img, title: str, vmax: float | None = None,
+                   outlines=()) -> bytes:
+    """Relevance over anatomy; ortho views cut through the relevance peak."""
+    heat = _load(heat_img)
+    data = np.asanyarray(heat.dataobj, dtype=np.float64)
+    vmax = vmax or robust_max([heat], mask_img)
+    peak = np.unravel_index(int(np.nanargmax(data)), data.shape)
+
+    def plot(mode, coords, fig, axes, ttl):
+        return plotting.plot_stat_map(
+            heat, bg_img=_load(anat_img), display_mode=mode, cut_coords=coords, figure=fig,
+            axes=axes, title=ttl, cmap=HEAT_CMAP, vmin=0, vmax=vmax,
+            threshold=HEAT_THRESHOLD_SHARE * vmax, symmetric_cbar=False,
+            colorbar=mode == "ortho",
+            black_bg=True, draw_cross=False, dim=-0.3, annotate=mode == "ortho",
+            cbar_tick_format="%.1e",
+        )
+
+    cut = tuple(float(v) for v in _world(heat, peak))
+    return _ortho_and_mosaic(plot, cut=cut, cuts=axial_cuts(mask_img), title=title, outlines=outlines)
+
+
+def class_heatmaps_figure(maps: dict[str, object], anat_img, *, mask_img, vmax: float,
+                          n_slices: int = MOSAIC_SLICES) -> bytes:
+    """One row of axial slices per class, the same slices and colour scale in every row
+    (the layout of the Graz+ paper's mean relevance figures)."""
+    cuts = axial_cuts(mask_img, n_slices)
+    anat = _load(anat_img) if anat_img is not None else None
+    rows = len(maps)
+    fig = plt.figure(figsize=(12, 1.9 * rows + 0.3), facecolor="black")
+    height = 1.0 / rows
+    for row, (name, img) in enumerate(maps.items()):
+        plotting.plot_stat_map(
+            _load(img), bg_img=anat, display_mode="z", cut_coords=cuts, figure=fig,
+            axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, cmap=HEAT_CMAP,
+            vmin=0, vmax=vmax, threshold=HEAT_THRESHOLD_SHARE * vmax, symmetric_cbar=False,
+            colorbar=row == 0, black_bg=True, draw_cross=False, dim=0.3, annotate=False,
+            cbar_tick_format="%.1e",
+        )
+    return png_bytes(fig)

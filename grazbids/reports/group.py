@@ -1,0 +1,268 @@
+"""Group report ``output_dir/group/report.html``: one section per trained mode.
+
+Per mode (``group/mode-<mode>/``): cross-validation metrics, mean z+ relevance per class
+on the template (same slices and colour scale for every class), learning curves per
+fold, the out-of-fold confusion matrix, explanation metrics when the training wrote them,
+and the participants with links to their reports. Only files that exist are shown.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+
+from ..templates import TemplateNotFoundError, get_template
+from . import brain_figures as bf
+from . import charts
+from .html import data_table, escape, figure, format_value, heading, key_value_table, paragraph, write_page
+
+LOG = logging.getLogger("grazbids.reports")
+MODE_ORDER = ("plain", "masked", "grazplus")
+MODE_TITLES = {"plain": "plain CNN", "masked": "masked-input CNN", "grazplus": "Graz+ (relevance-guided)"}
+REPORT_NAME = "report.html"
+# Columns of per-participant tables that identify or group rows rather than measure.
+ID_COLUMNS = ("participant_id", "session_id", "fold", "true_label", "predicted_label")
+_MEAN_MAP = re.compile(r"^tpl-(?P<tpl>[a-zA-Z0-9]+)_res-(?P<res>[a-zA-Z0-9]+)_class-(?P<cls>[a-zA-Z0-9]+)"
+                       r"_desc-meanzplus_heatmap\.nii\.gz$")
+
+
+def read_tsv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", na_values=["n/a"])
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"{path}: unreadable table ({err})") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable JSON ({err})") from None
+
+
+def mode_dirs(output_dir: str | os.PathLike) -> list[Path]:
+    """``group/mode-*`` folders with cross-validation results, in the order plain, masked, grazplus."""
+    found = [p for p in Path(output_dir, "group").glob("mode-*") if (p / "cv_metrics.tsv").exists()]
+
+    def order(path: Path):
+        mode = path.name.removeprefix("mode-")
+        return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+
+    return sorted(found, key=order)
+
+
+def numeric_columns(frame: pd.DataFrame) -> list[str]:
+    """Measured columns: numbers or booleans (e.g. pointing game hits), ids left out."""
+    columns = []
+    for column in frame.columns:
+        if column in ID_COLUMNS:
+            continue
+        values = frame[column]
+        if values.dtype == bool or pd.api.types.is_numeric_dtype(values):
+            if values.notna().any():
+                columns.append(column)
+    return columns
+
+
+def _as_numbers(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return frame[columns].astype(float)
+
+
+# ---------------------------------------------------------------------------- sections
+def _cv_section(mode_dir: Path) -> str:
+    parts = [heading(3, "Cross-validation metrics")]
+    summary_path = mode_dir / "cv_metrics.json"
+    if summary_path.exists():
+        summary = read_json(summary_path)
+        rows = [(k.replace("_", " "), summary[k]) for k in (
+            "balanced_accuracy_mean", "balanced_accuracy_sd", "balanced_accuracy_min", "balanced_accuracy_max",
+            "pooled_oof_balanced_accuracy", "relevance_inside_mask_mean") if k in summary]
+        if "target_column" in summary:
+            rows.insert(0, ("target column", summary["target_column"]))
+        if "classes" in summary:
+            rows.insert(1, ("classes", ", ".join(map(str, summary["classes"]))))
+        parts.append(key_value_table(rows))
+    parts.append(data_table(read_tsv(mode_dir / "cv_metrics.tsv")))
+    return "\n".join(parts)
+
+
+def _template_underlay(maps: list[Path]) -> tuple[object | None, object]:
+    """(background, mask) for the mean maps: the template when its grid matches, else no
+    background and the maps' own support as mask."""
+    match = _MEAN_MAP.match(maps[0].name)
+    shape = nb.load(str(maps[0])).shape[:3]
+    try:
+        template = get_template(match.group("tpl"), int(match.group("res")))
+        if tuple(template.shape) == tuple(shape):
+            # brain only, like the skull-stripped images the network saw
+            t1w, mask = nb.load(str(template.t1w)), nb.load(str(template.brain_mask))
+            brain = np.asanyarray(t1w.dataobj) * (np.asanyarray(mask.dataobj) > 0)
+            return nb.Nifti1Image(brain.astype(np.float32), t1w.affine), str(template.brain_mask)
+        LOG.warning("report: %s grid %s differs from the template's %s; no anatomical underlay",
+                    maps[0].name, shape, template.shape)
+    except (TemplateNotFoundError, ValueError) as err:
+        LOG.warning("report: no template underlay for %s (%s)", maps[0].name, err)
+    first = nb.load(str(maps[0]))
+    support = np.any([np.asanyarray(nb.load(str(m)).dataobj) > 0 for m in maps], axis=0)
+    return None, nb.Nifti1Image(support.astype(np.uint8), first.affine)
+
+
+def _class_heatmaps_section(mode_dir: Path, classes: list[str]) -> str:
+    maps = {m: _MEAN_MAP.match(m.name).group("cls") for m in mode_dir.glob("tpl-*_desc-meanzplus_heatmap.nii.gz")
+            if _MEAN_MAP.match(m.name)}
+    if not maps:
+        return ""
+    safe = [re.sub(r"[^a-zA-Z0-9]", "", c) or "class" for c in classes]
+    ordered = sorted(maps, key=lambda m: (safe.index(maps[m]) if maps[m] in safe else len(safe), maps[m]))
+    background, mask = _template_underlay(ordered)
+    vmax = bf.robust_max(ordered, mask)
+    named = {f"class {maps[m]}": m for m in ordered}
+    png = bf.class_heatmaps_figure(named, background, mask_img=mask, vmax=vmax)
+    cuts = ", ".join(f"{z:.0f}" for z in bf.axial_cuts(mask))
+    caption = ("Mean out-of-fold z+ relevance of the participants of each true class"
+               + (" over the template T1w (brain)" if background else "")
+               + f"; the same axial slices (z = {cuts} mm, left of the brain on the left) and colour "
+               f"scale (0 to {vmax:.2e}) in every row; values below {bf.HEAT_THRESHOLD_SHARE:.0%} of the "
+               "maximum are not drawn.")
+    return heading(3, "Mean relevance per class") + figure(png, caption)
+
+
+def _learning_curves_section(mode_dir: Path, cv: pd.DataFrame) -> str:
+    files = sorted((mode_dir / "history").glob("fold-*_history.tsv"),
+                   key=lambda p: int(re.sub(r"\D", "", p.name.split("_")[0]) or 0))
+    if not files:
+        return ""
+    histories = {f"fold {p.name.split('_')[0].removeprefix('fold-')}": read_tsv(p) for p in files}
+    final = mode_dir / "history" / "final_history.tsv"
+    if final.exists():
+        histories["final model"] = read_tsv(final)
+    selected = {}
+    if {"fold", "selected_epoch"} <= set(cv.columns):
+        selected = {f"fold {int(f)}": int(e) for f, e in zip(cv["fold"], cv["selected_epoch"]) if pd.notna(e)}
+    png = charts.learning_curves(histories, selected)
+    caption = ("Per fold: training (dashed) and validation (solid) loss, balanced accuracy and fraction of "
+               "z+ relevance inside the brain mask; dots: the epoch each fold selected; black: the final "
+               "model trained on all participants.")
+    return heading(3, "Learning curves") + figure(png, caption)
+
+
+def _confusion_section(oof: pd.DataFrame, classes: list[str]) -> str:
+    if not {"true_label", "predicted_label"} <= set(oof.columns):
+        return ""
+    true, predicted = oof["true_label"].astype(str).tolist(), oof["predicted_label"].astype(str).tolist()
+    classes = [str(c) for c in classes] or sorted(set(true) | set(predicted))
+    classes += sorted((set(true) | set(predicted)) - set(classes))
+    png = charts.confusion_matrix(true, predicted, classes)
+    return (heading(3, "Confusion matrix") +
+            figure(png, "Out-of-fold predictions of every participant (rows: true class; share of the row in "
+                        "brackets)."))
+
+
+def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested JSON as (key path, value) rows, whatever its layout."""
+    if isinstance(value, dict):
+        return [row for k, v in value.items() for row in _flatten(v, f"{prefix}{k} / ")]
+    if isinstance(value, list):
+        value = ", ".join(map(str, value))
+    return [(prefix.removesuffix(" / "), value)]
+
+
+def _explanation_section(mode_dir: Path) -> str:
+    table_path, summary_path = mode_dir / "explanation_metrics.tsv", mode_dir / "explanation_summary.json"
+    if not table_path.exists() and not summary_path.exists():
+        return ""
+    parts = [heading(3, "Explanation metrics")]
+    if table_path.exists():
+        metrics = read_tsv(table_path)
+        columns = numeric_columns(metrics)
+        if columns:
+            values = _as_numbers(metrics, columns)
+            means = [values.mean().rename("all")]
+            if "true_label" in metrics:
+                means += [rows.mean().rename(f"true {label}") for label, rows in values.groupby(metrics["true_label"])]
+            table = pd.DataFrame(means).reset_index(names="participants")
+            parts.append(paragraph(f"Means over the participants ({len(metrics)} rows of {table_path.name})."))
+            parts.append(data_table(table))
+            tissue = charts.tissue_relevance(metrics)
+            if tissue:
+                parts.append(figure(tissue, "Share of positive relevance per tissue class (template GM/WM/CSF "
+                                            "probabilities inside the brain mask) and outside the brain."))
+            parts.append(figure(charts.metric_strips(metrics, columns),
+                                "Every participant (points) by true class; bars: means."))
+        else:
+            parts.append(paragraph(f"{table_path.name} has no numeric columns.", "note"))
+    if summary_path.exists():
+        rows = [(k, v) for k, v in _flatten(read_json(summary_path)) if k]
+        parts.append(f"<details><summary>{escape(summary_path.name)}</summary>{key_value_table(rows)}</details>")
+    return "\n".join(parts)
+
+
+def _participants_section(oof: pd.DataFrame, output_dir: Path) -> str:
+    links = {}
+    if "participant_id" in oof:
+        links["participant_id"] = {p: f"../{p}.html" for p in oof["participant_id"].astype(str)
+                                   if (output_dir / f"{p}.html").exists()}
+    return (heading(3, "Participants (out-of-fold)") +
+            paragraph("Participant labels link to the participant reports.", "note") +
+            data_table(oof, links))
+
+
+def render_mode_section(mode_dir: Path, output_dir: Path) -> str:
+    mode = mode_dir.name.removeprefix("mode-")
+    LOG.info("report: rendering group mode %s", mode)
+    cv = read_tsv(mode_dir / "cv_metrics.tsv")
+    summary = read_json(mode_dir / "cv_metrics.json") if (mode_dir / "cv_metrics.json").exists() else {}
+    oof_path = mode_dir / "oof_predictions.tsv"
+    oof = read_tsv(oof_path) if oof_path.exists() else pd.DataFrame()
+    classes = list(summary.get("classes") or (sorted(oof["true_label"].astype(str).unique())
+                                              if "true_label" in oof else []))
+    parts = [f'<section id="mode-{escape(mode)}">', heading(2, f"mode-{mode}: {MODE_TITLES.get(mode, mode)}"),
+             _cv_section(mode_dir), _class_heatmaps_section(mode_dir, classes),
+             _learning_curves_section(mode_dir, cv)]
+    if not oof.empty:
+        parts.append(_confusion_section(oof, classes))
+    parts.append(_explanation_section(mode_dir))
+    if not oof.empty:
+        parts.append(_participants_section(oof, output_dir))
+    parts.append("</section>")
+    return "\n".join(p for p in parts if p)
+
+
+def _overview(dirs: list[Path]) -> str:
+    rows = []
+    for mode_dir in dirs:
+        path = mode_dir / "cv_metrics.json"
+        summary = read_json(path) if path.exists() else {}
+        mean, sd = summary.get("balanced_accuracy_mean"), summary.get("balanced_accuracy_sd")
+        rows.append({
+            "mode": mode_dir.name.removeprefix("mode-"),
+            "folds": summary.get("folds", "n/a"),
+            "balanced accuracy (mean ± sd over folds)":
+                f"{format_value(mean)} ± {format_value(sd)}" if mean is not None else "n/a",
+            "pooled out-of-fold balanced accuracy": summary.get("pooled_oof_balanced_accuracy", float("nan")),
+            "relevance inside brain mask (mean)": summary.get("relevance_inside_mask_mean", float("nan")),
+        })
+    overview = heading(2, "Overview") + data_table(pd.DataFrame(rows))
+    side_by_side = dirs[0].parent / "modes_summary.tsv"
+    if side_by_side.exists():  # written by the group training: mean explanation metrics too
+        overview += paragraph(f"{side_by_side.name}:") + data_table(read_tsv(side_by_side))
+    return overview
+
+
+def write_group_report(output_dir: str | os.PathLike) -> Path:
+    """Render ``output_dir/group/report.html`` from the group outputs (atomically)."""
+    output_dir = Path(output_dir)
+    dirs = mode_dirs(output_dir)
+    if not dirs:
+        raise ValueError(f"{output_dir / 'group'}: no mode-*/cv_metrics.tsv to report on")
+    body = _overview(dirs) + "\n".join(render_mode_section(d, output_dir) for d in dirs)
+    nav = [(f"#{d.name}", d.name) for d in dirs]
+    path = write_page(output_dir / "group" / REPORT_NAME, "grazbids: group report", body, nav)
+    LOG.info("group report written to %s", path)
+    return path

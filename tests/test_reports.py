@@ -1,0 +1,133 @@
+"""HTML reports: participant and group reports render from synthetic outputs, are
+self-contained, and the Nipype interfaces/workflow nodes write them."""
+import re
+
+import pandas as pd
+import pytest
+from nipype.pipeline import engine as pe
+
+from grazbids.interfaces.reports import GroupReport, ParticipantReport, ReportSection
+from grazbids.reports import discover_t1w_outputs, render_t1w_section, write_group_report, write_participant_report
+from grazbids.reports.__main__ import main as reports_main
+from grazbids.reports.group import numeric_columns
+from report_helpers import TPL, write_group_outputs, write_participant_outputs
+
+PNG = "data:image/png;base64,"
+
+
+def _assert_self_contained(text: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text, re.I)
+    assert "<script" not in text.lower() and "<link" not in text.lower() and "@import" not in text
+
+
+def test_participant_report_has_every_section_and_embeds_figures(tmp_path):
+    out = tmp_path / "out"
+    write_participant_outputs(out, dice=0.93)
+    outputs = discover_t1w_outputs(out, "sub-01")
+    assert len(outputs) == 1 and outputs[0].heatmap and outputs[0].predictions
+    assert sorted(outputs[0].probsegs) == ["CSF", "GM", "WM"]
+    path = write_participant_report("01", [render_t1w_section(outputs[0], out)], out)
+    assert path == out / "sub-01.html"
+    text = path.read_text()
+    for title in ("Summary", "Registration check", "Input in template space", "Prediction",
+                  "Relevance (z+ heat map)", "Derivatives"):
+        assert f"<h3>{title}</h3>" in text
+    assert text.count(PNG) == 3  # registration, input, heat map
+    _assert_self_contained(text)
+    assert "0.9300" in text and "below 0.94" in text  # Dice flagged under the target
+    assert "0.877" in text and "ANTsPy test" in text  # P(m) and the xfm sidecar
+    assert 'href="group/report.html"' in text
+    assert f'href="sub-01/anat/sub-01_space-{TPL}_res-2_desc-zplus_heatmap.nii.gz"' in text
+    inside = float(re.search(r"inside the brain mask</th><td>([0-9.]+)<", text).group(1))
+    assert 0.5 < inside < 0.9  # one face of the grid (outside the brain) has relevance
+
+
+def test_participant_report_without_model_has_no_prediction(tmp_path):
+    out = tmp_path / "out"
+    write_participant_outputs(out, subject="02", with_model=False)
+    sections = [render_t1w_section(o, out) for o in discover_t1w_outputs(out, "02")]
+    text = write_participant_report("sub-02", sections, out).read_text()
+    assert "<h3>Registration check</h3>" in text and text.count(PNG) == 2
+    assert "<h3>Prediction</h3>" not in text and "heat map" not in text
+
+
+def test_report_interfaces_write_the_participant_report(tmp_path):
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    stem = anat / f"sub-01_space-{TPL}_res-2"
+    section = pe.Node(ReportSection(
+        source_file="/raw/sub-01/anat/sub-01_T1w.nii.gz", output_dir=str(out),
+        t1w_template=f"{stem}_desc-preproc_T1w.nii.gz", t1w_sidecar=f"{stem}_desc-preproc_T1w.json",
+        brain_mask_template=f"{stem}_desc-brain_mask.nii.gz",
+        probsegs_template=[f"{stem}_label-{t}_probseg.nii.gz" for t in ("GM", "WM", "CSF")],
+        heatmap_template=f"{stem}_desc-zplus_heatmap.nii.gz",
+        predictions=str(anat / "sub-01_desc-grazplus_predictions.tsv"),
+    ), name="section", base_dir=str(tmp_path / "work"))
+    fragment = section.run().outputs.out_fragment
+    report = ParticipantReport(subject="01", output_dir=str(out), sections=[fragment, fragment]).run()
+    text = (out / "sub-01.html").read_text()
+    assert report.outputs.out_report == str(out / "sub-01.html")
+    assert text.count('<section id="sub-01_T1w">') == 2 and text.count(PNG) == 6
+    assert "in GM" in text and "in WM" in text  # tissue labels parsed from probseg names
+
+
+def test_group_report_shows_cv_table_curves_confusion_and_explanations(tmp_path):
+    out = tmp_path / "out"
+    write_group_outputs(out)
+    write_participant_outputs(out, subject="01", with_model=False)
+    write_participant_report("01", [render_t1w_section(o, out) for o in discover_t1w_outputs(out, "01")], out)
+    text = write_group_report(out).read_text()
+    for title in ("Overview", "Cross-validation metrics", "Mean relevance per class", "Learning curves",
+                  "Confusion matrix", "Explanation metrics", "Participants (out-of-fold)"):
+        assert f"<h3>{title}</h3>" in text or f"<h2>{title}</h2>" in text
+    assert text.count(PNG) == 5  # class maps, curves, confusion, tissue bars, metric strips
+    _assert_self_contained(text)
+    for value in ("0.750", "0.625", "0.912", "0.877", "0.688 ± 0.088", "0.667"):  # cv_metrics.tsv/json
+        assert value in text
+    assert 'href="../sub-01.html"' in text and 'href="../sub-02.html"' not in text  # only existing reports
+    assert "relevance_outside_brain" in text and "mean_by_true_label / f / relevance_gm" in text
+
+
+def test_group_report_without_explanation_files(tmp_path):
+    out = tmp_path / "out"
+    write_group_outputs(out, explanation=False)
+    text = write_group_report(out).read_text()
+    assert "Explanation metrics" not in text and text.count(PNG) == 3
+
+
+def test_group_report_needs_group_results(tmp_path):
+    with pytest.raises(ValueError, match="no mode-\\*/cv_metrics.tsv"):
+        write_group_report(tmp_path)
+    (tmp_path / "group" / "mode-plain").mkdir(parents=True)
+    (tmp_path / "group" / "mode-plain" / "cv_metrics.tsv").write_text('a\t"b\n1')
+    with pytest.raises(ValueError, match="cv_metrics.tsv: unreadable table"):
+        GroupReport(output_dir=str(tmp_path)).run()
+
+
+def test_numeric_columns_skip_ids_and_keep_booleans():
+    frame = pd.DataFrame({"participant_id": ["sub-01"], "fold": [1], "true_label": ["f"],
+                          "pointing_game_effect": [True], "roc_auc_effect": [0.7], "note": ["x"],
+                          "empty": [float("nan")]})
+    assert numeric_columns(frame) == ["pointing_game_effect", "roc_auc_effect"]
+
+
+def test_command_line_renders_existing_outputs(tmp_path):
+    out = tmp_path / "out"
+    write_participant_outputs(out, subject="03", with_model=False)
+    write_group_outputs(out, explanation=False)
+    assert reports_main([str(out)]) == 0
+    assert (out / "sub-03.html").exists() and (out / "group" / "report.html").exists()
+
+
+def test_group_report_reads_what_group_training_writes(tmp_path):
+    from test_group_training import _cohort, _run
+
+    bids, out, participants = _cohort(tmp_path)
+    _run(bids, out, participants, tmp_path)
+    text = write_group_report(out).read_text()
+    cv = pd.read_csv(out / "group" / "mode-grazplus" / "cv_metrics.tsv", sep="\t")
+    for value in cv["balanced_accuracy"]:
+        assert f"{value:.3f}" in text
+    for title in ("Learning curves", "Mean relevance per class", "Confusion matrix"):
+        assert f"<h3>{title}</h3>" in text
+    _assert_self_contained(text)
