@@ -54,6 +54,8 @@ class RunConfig:
     modes: tuple[str, ...] = DEFAULT_MODES
     cv_folds: int = DEFAULT_CV_FOLDS
     epochs: int = DEFAULT_EPOCHS
+    # optimiser settings; None = the engine's defaults (grazbids.engine.TrainSettings)
+    training_options: dict = field(default_factory=dict)
     random_seed: int = DEFAULT_SEED
     # execution
     nprocs: int = 1

@@ -167,10 +167,11 @@ def _write_explanation_metrics(out_dir: Path, samples: list[Sample], rows: list[
 def train_mode(
     mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
     cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
-    dataset_name: str,
+    dataset_name: str, training_options: dict | None = None,
 ) -> dict:
     arch = Architecture(tuple(data.images.shape[2:]), n_classes=len(classes))
-    settings = TrainSettings(mode=mode, epochs=epochs, seed=seed, device=device)
+    options = dict(training_options or {})
+    settings = TrainSettings(mode=mode, epochs=epochs, seed=seed, device=device, **options)
     participants = [s.participant for s in samples]
     folds = participant_folds(participants, data.labels.numpy(), cv_folds, seed)
     for k, (train, _) in enumerate(folds, start=1):
@@ -235,7 +236,7 @@ def train_mode(
     }
     final_epochs = int(np.median(folds_table["selected_epoch"]))
     LOG.info("mode %s: final model on all %d samples for %d epochs (median selected epoch)", mode, len(samples), final_epochs)
-    final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device)
+    final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device, **options)
     final = Trainer(arch, final_settings, work_dir / "final", name=f"{mode} final").fit(data, np.arange(len(samples)))
     if not _is_main_process():
         return cv_summary
@@ -298,6 +299,7 @@ def train_mode(
 def run_group_training(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
     epochs: int, seed: int, device: str, template: str, resolution: int, work_dir,
+    training_options: dict | None = None,
 ) -> dict:
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     targets = read_targets(bids_dir, target_column)
@@ -323,6 +325,7 @@ def run_group_training(
             mode, data, samples, classes, affine, out_dir=output_dir / "group" / f"mode-{mode}",
             work_dir=cohort_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
+            training_options=training_options or {},
         )
     if _is_main_process():
         _write_modes_summary(output_dir / "group", summaries)

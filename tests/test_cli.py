@@ -70,6 +70,8 @@ def test_unknown_analysis_level_exits_17(tmp_path, capsys):
     ["participant", "--mode", "fancy"],
     ["participant", "--cv-folds", "1"],
     ["participant", "--random-seed", "-1"],
+    ["group", "--target-column", "dx", "--learning-rate", "0"],
+    ["group", "--target-column", "dx", "--batch-size", "0"],
     ["participant", "--no-such-option"],
 ])
 def test_bad_options_exit_64(tmp_path, extra, capsys):
@@ -135,6 +137,19 @@ def test_defaults(tmp_path):
     assert config.plugin == "MultiProc" and config.plugin_args["n_procs"] == config.nprocs
     assert 1 <= config.omp_nthreads <= min(8, config.nprocs)
     assert config.device == "auto" and config.model_dir is None
+    assert config.training_options == {}  # the engine's defaults
+
+
+def test_training_options_reach_the_engine_settings(tmp_path):
+    from dataclasses import fields
+
+    from grazbids.cli.parser import TRAINING_OPTIONS
+    from grazbids.engine import TrainSettings
+
+    assert set(TRAINING_OPTIONS) <= {f.name for f in fields(TrainSettings)}
+    config = parse_args([str(tmp_path / "b"), str(tmp_path / "o"), "group", "--target-column", "dx",
+                         "--learning-rate", "1e-3", "--accumulation-steps", "1", "--relevance-weight", "2"])
+    assert config.training_options == {"learning_rate": 1e-3, "accumulation_steps": 1, "relevance_weight": 2.0}
 
 
 def test_resources_and_modes(tmp_path):

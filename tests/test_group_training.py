@@ -56,7 +56,8 @@ def _run(bids, out, participants, tmp_path, **kw):
 
 def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     bids, out, participants = _cohort(tmp_path, references=True)
-    summary = _run(bids, out, participants, tmp_path, modes=["plain", "grazplus"])
+    summary = _run(bids, out, participants, tmp_path, modes=["plain", "grazplus"],
+                   training_options={"learning_rate": 1e-3, "accumulation_steps": 2})
     assert set(summary) == {"plain", "grazplus"}
     mode_dir = out / "group" / "mode-grazplus"
     folds = pd.read_csv(mode_dir / "cv_metrics.tsv", sep="\t")
@@ -90,6 +91,7 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     assert np.isclose(modes.loc[1, "relevance_inside_brain"], metrics["relevance_inside_brain"].mean())
     model, card = load_bundle(mode_dir / "model")
     assert card["target_column"] == "gender" and card["training_data"]["n_per_class"] == {"f": 4, "m": 3}
+    assert card["training"]["learning_rate"] == 1e-3 and card["training"]["accumulation_steps"] == 2
     image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
     result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
     assert np.isclose(result.probabilities.sum(), 1) and result.predicted in ("f", "m")

@@ -81,6 +81,10 @@ def _cv_folds(text: str) -> int:
     return value
 
 
+# command-line options passed on to grazbids.engine.TrainSettings (same names)
+TRAINING_OPTIONS = ("learning_rate", "batch_size", "accumulation_steps", "relevance_weight")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="grazbids",
@@ -170,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="group level: folds of the participant-wise cross-validation (default: %(default)s)")
     dl.add_argument("--epochs", type=_positive_int, default=cfg.DEFAULT_EPOCHS, metavar="N",
                     help="group level: training epochs per fold (default: %(default)s, as Graz+)")
+    dl.add_argument("--learning-rate", type=_positive_float, default=None, metavar="LR",
+                    help="group level: Adam learning rate (default: 1e-4, as Graz+)")
+    dl.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                    help="group level: volumes per forward pass (default: 2)")
+    dl.add_argument("--accumulation-steps", type=_positive_int, default=None, metavar="N",
+                    help="group level: batches whose gradients are summed per optimiser step "
+                         "(default: 4; effective batch = batch size x this)")
+    dl.add_argument("--relevance-weight", type=_positive_float, default=None, metavar="W",
+                    help="group level: weight of the Graz+ relevance term (default: 1.0)")
     dl.add_argument("--random-seed", type=_seed, default=cfg.DEFAULT_SEED, metavar="SEED",
                     help="seed for data splits, weight initialisation and shuffling (default: %(default)s)")
     return parser
@@ -235,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         modes=tuple(dict.fromkeys(ns.modes)),
         cv_folds=ns.cv_folds,
         epochs=ns.epochs,
+        training_options={key: getattr(ns, key) for key in TRAINING_OPTIONS if getattr(ns, key) is not None},
         random_seed=ns.random_seed,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,

@@ -79,6 +79,8 @@ class _GroupTrainingInputSpec(BaseInterfaceInputSpec):
     modes = traits.List(traits.Enum("plain", "masked", "grazplus"), mandatory=True)
     cv_folds = traits.Int(5, usedefault=True)
     epochs = traits.Int(60, usedefault=True)
+    training_options = traits.Dict(traits.Str, traits.Either(traits.Int, traits.Float), usedefault=True,
+                                   desc="other grazbids.engine.TrainSettings fields (learning_rate, ...)")
     seed = traits.Int(42, usedefault=True)
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
     template = traits.Str(mandatory=True)
@@ -106,7 +108,7 @@ class GroupTraining(BaseInterface):
         summaries = run_group_training(
             bids_dir=inputs.bids_dir, output_dir=inputs.output_dir, participants=list(inputs.participants),
             target_column=inputs.target_column, modes=list(inputs.modes), cv_folds=inputs.cv_folds,
-            epochs=inputs.epochs, seed=inputs.seed, device=inputs.device, template=inputs.template,
+            epochs=inputs.epochs, training_options=dict(inputs.training_options), seed=inputs.seed, device=inputs.device, template=inputs.template,
             resolution=inputs.resolution,
             work_dir=Path(inputs.checkpoint_dir) if isdefined(inputs.checkpoint_dir) else Path(runtime.cwd) / "training",
         )

@@ -108,6 +108,7 @@ def _add_group_wf(workflow, config: RunConfig, participant_wfs, niu, pe) -> None
         modes=list(config.modes),
         cv_folds=config.cv_folds,
         epochs=config.epochs,
+        training_options=dict(config.training_options),
         seed=config.random_seed,
         device=config.device,
         template=config.template,
