@@ -9,12 +9,13 @@ from .data import balanced_accuracy, class_weights, encode_labels, participant_f
 from .device import resolve_device
 from .losses import MODES, compute_loss
 from .lrp import masked_relevance, start_relevance, zplus_heatmap
+from .architectures import KondratevaNet, kondrateva_architecture
 from .model import Architecture, GrazPlusNet, build_model
 from .normalize import IntensityNormalisation
 from .trainer import FitResult, Trainer, TrainingData, TrainSettings
 
 __all__ = [
-    "Architecture", "GrazPlusNet", "build_model",
+    "Architecture", "GrazPlusNet", "build_model", "KondratevaNet", "kondrateva_architecture",
     "zplus_heatmap", "masked_relevance", "start_relevance",
     "MODES", "compute_loss",
     "Trainer", "TrainSettings", "TrainingData", "FitResult",

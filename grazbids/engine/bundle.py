@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..utils.atomic import atomic_directory
-from .model import Architecture, GrazPlusNet, build_model
+from .model import Architecture, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model_card.json"
@@ -50,7 +50,7 @@ def _lookup(card: dict, dotted: str):
     return node
 
 
-def save_bundle(directory: str | Path, model: GrazPlusNet, card: dict) -> Path:
+def save_bundle(directory: str | Path, model: torch.nn.Module, card: dict) -> Path:
     """Write ``directory/model.safetensors`` and ``directory/model_card.json`` atomically."""
     card = {
         "format": BUNDLE_FORMAT,
@@ -108,7 +108,7 @@ def read_card(directory: str | Path) -> dict:
     return card
 
 
-def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GrazPlusNet, dict]:
+def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the network from the card and load the safetensors weights into it."""
     path = Path(directory)
     bundle_dir = path if path.is_dir() else path.parent

@@ -36,6 +36,21 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_mode_for_architecture(mode: str, architecture: str) -> None:
+    """The Graz+ loss needs the z+ forward sweep of the Graz+ network (biases <= 0)."""
+    if mode == "grazplus" and architecture != "grazplus":
+        raise ValueError(
+            f"training mode 'grazplus' needs the 'grazplus' architecture, not {architecture!r}: its "
+            "relevance loss relies on z+ with non-positive biases and no batch norm; train "
+            f"{architecture!r} in mode 'plain' or 'masked'"
+        )
+
+
+def _untracked(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nan = torch.full((x.shape[0],), float("nan"), device=x.device, dtype=x.dtype)
+    return nan, nan
+
+
 def compute_loss(
     model: nn.Module,
     x: torch.Tensor,
@@ -49,7 +64,8 @@ def compute_loss(
     """Loss of one (micro-)batch in the given mode.
 
     ``track_relevance`` computes the relevance terms for logging in the modes whose
-    loss does not need them (``plain``/``masked``), in an extra no-grad sweep.
+    loss does not need them (``plain``/``masked``), in an extra no-grad sweep; it is NaN
+    for architectures other than the Graz+ network.
     """
     check_mode(mode)
     inputs = x * mask if mode == "masked" else x
@@ -57,9 +73,11 @@ def compute_loss(
         logits, inside, total = masked_relevance(model, inputs, mask)
     else:
         logits, inside, total = model(inputs), None, None
-        if track_relevance:
+        if track_relevance and hasattr(model, "lrp_layers"):
             with torch.no_grad():
                 _, inside, total = masked_relevance(model, inputs, mask)
+        elif track_relevance:  # other architectures: NaN (explain them with grazbids.explain)
+            inside, total = _untracked(x)
     ce = F.cross_entropy(logits, y, reduction="none")
     per_sample = ce - relevance_weight * inside if mode == "grazplus" else ce
     loss = (sample_weight * per_sample).mean()

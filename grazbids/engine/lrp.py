@@ -70,6 +70,11 @@ def start_relevance(logits: torch.Tensor, target: Target = "softmax") -> torch.T
 
 
 def _weighted_layers(model: nn.Module) -> list[nn.Module]:
+    if not hasattr(model, "lrp_layers"):
+        raise TypeError(
+            f"the Graz+ z+ sweep needs a GrazPlusNet, got {type(model).__name__}; "
+            "use grazbids.explain.explain(model, x, 'zplus') for other architectures"
+        )
     layers = model.lrp_layers()
     for layer in layers:
         if not isinstance(layer, (nn.Conv3d, nn.Linear)):

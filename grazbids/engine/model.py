@@ -91,7 +91,16 @@ class GrazPlusNet(nn.Module):
             layer.bias.clamp_(max=0.0)
 
 
-def build_model(arch: Architecture) -> GrazPlusNet:
-    if arch.name != "grazplus":
-        raise ValueError(f"unknown architecture {arch.name!r} (available: grazplus)")
-    return GrazPlusNet(arch)
+ARCHITECTURES = ("grazplus", "kondrateva")
+
+
+def build_model(arch: Architecture) -> nn.Module:
+    """The network named by ``arch.name``: ``grazplus`` (default; model cards without a
+    name) or ``kondrateva`` (grazbids.engine.architectures)."""
+    if arch.name == "grazplus":
+        return GrazPlusNet(arch)
+    if arch.name == "kondrateva":
+        from .architectures import KondratevaNet  # that module builds on this one
+
+        return KondratevaNet(arch)
+    raise ValueError(f"unknown architecture {arch.name!r} (available: {', '.join(ARCHITECTURES)})")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..utils.atomic import atomic_path, write_text
 from .data import balanced_accuracy, class_weights
 from .device import resolve_device
-from .losses import check_mode, compute_loss
+from .losses import check_mode, check_mode_for_architecture, compute_loss
 from .model import Architecture, GrazPlusNet, build_model
 
 LOG = logging.getLogger("grazbids.engine")
@@ -112,6 +112,7 @@ class Trainer:
 
     def __init__(self, arch: Architecture, settings: TrainSettings, workdir: str | Path | None = None, name: str = "train"):
         check_mode(settings.mode)
+        check_mode_for_architecture(settings.mode, arch.name)
         self.arch = arch
         self.settings = settings
         self.workdir = Path(workdir) if workdir else None
@@ -206,7 +207,8 @@ class Trainer:
             if train and last_of_group:
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
-                model.project_biases_()
+                if hasattr(model, "project_biases_"):  # the Graz+ network's bias <= 0 constraint
+                    model.project_biases_()
             stats["loss"] += float(loss.detach()) * len(batch)
             stats["ce"] += float(ce.sum())
             inside_d, total_d = inside.detach(), total.detach()
