@@ -70,6 +70,17 @@ def axial_cuts(mask_img, n: int = MOSAIC_SLICES) -> list[float]:
     return [float(_world(img, [centre[0], centre[1], k])[2]) for k in ks]
 
 
+def top_share_threshold(images, mask_img, share: float = 0.1) -> float:
+    """Value above which the top ``share`` of the brain voxels of all maps together lie.
+
+    Mean maps over many participants are smooth and mostly above a fixed share of their
+    maximum; showing the top voxels shows where the relevance concentrates."""
+    mask = np.asanyarray(_load(mask_img).dataobj) > 0.5
+    values = np.concatenate([np.asanyarray(_load(img).dataobj, dtype=np.float64)[mask] for img in images])
+    values = values[np.isfinite(values)]
+    return float(np.percentile(values, 100 * (1 - share))) if values.size else 0.0
+
+
 def robust_max(images, mask_img=None, percentile: float = 99.9) -> float:
     """Colour maximum shared by several heat maps: the highest of their percentiles."""
     mask = None if mask_img is None else np.asanyarray(_load(mask_img).dataobj) > 0.5
@@ -139,9 +150,11 @@ def heatmap_figure(heat_img, anat_img, *, mask_img, title: str, vmax: float | No
 
 
 def class_heatmaps_figure(maps: dict[str, object], anat_img, *, mask_img, vmax: float,
-                          n_slices: int = MOSAIC_SLICES) -> bytes:
+                          threshold: float | None = None, n_slices: int = MOSAIC_SLICES) -> bytes:
     """One row of axial slices per class, the same slices and colour scale in every row
-    (the layout of the Graz+ paper's mean relevance figures)."""
+    (the layout of the Graz+ paper's mean relevance figures); values below ``threshold``
+    (default: a share of vmax) are transparent."""
+    threshold = HEAT_THRESHOLD_SHARE * vmax if threshold is None else threshold
     cuts = axial_cuts(mask_img, n_slices)
     anat = _load(anat_img) if anat_img is not None else None
     rows = len(maps)
@@ -151,7 +164,7 @@ def class_heatmaps_figure(maps: dict[str, object], anat_img, *, mask_img, vmax: 
         plotting.plot_stat_map(
             _load(img), bg_img=anat, display_mode="z", cut_coords=cuts, figure=fig,
             axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, cmap=HEAT_CMAP,
-            vmin=0, vmax=vmax, threshold=HEAT_THRESHOLD_SHARE * vmax, symmetric_cbar=False,
+            vmin=0, vmax=vmax, threshold=threshold, symmetric_cbar=False,
             colorbar=row == 0, black_bg=True, draw_cross=False, dim=0.3, annotate=False,
             cbar_tick_format="%.1e",
         )

@@ -113,6 +113,9 @@ def _template_underlay(maps: list[Path]) -> tuple[object | None, object]:
     return None, nb.Nifti1Image(support.astype(np.uint8), first.affine)
 
 
+TOP_SHARE = 0.1  # mean class maps: draw the most relevant 10 % of the brain voxels
+
+
 def _class_heatmaps_section(mode_dir: Path, classes: list[str]) -> str:
     maps = {m: _MEAN_MAP.match(m.name).group("cls") for m in mode_dir.glob("tpl-*_desc-meanzplus_heatmap.nii.gz")
             if _MEAN_MAP.match(m.name)}
@@ -123,13 +126,14 @@ def _class_heatmaps_section(mode_dir: Path, classes: list[str]) -> str:
     background, mask = _template_underlay(ordered)
     vmax = bf.robust_max(ordered, mask)
     named = {f"class {maps[m]}": m for m in ordered}
-    png = bf.class_heatmaps_figure(named, background, mask_img=mask, vmax=vmax)
+    threshold = bf.top_share_threshold(ordered, mask, TOP_SHARE)
+    png = bf.class_heatmaps_figure(named, background, mask_img=mask, vmax=vmax, threshold=threshold)
     cuts = ", ".join(f"{z:.0f}" for z in bf.axial_cuts(mask))
     caption = ("Mean out-of-fold z+ relevance of the participants of each true class"
                + (" over the template T1w (brain)" if background else "")
                + f"; the same axial slices (z = {cuts} mm, left of the brain on the left) and colour "
-               f"scale (0 to {vmax:.2e}) in every row; values below {bf.HEAT_THRESHOLD_SHARE:.0%} of the "
-               "maximum are not drawn.")
+               f"scale (0 to {vmax:.2e}) in every row; only the top {TOP_SHARE:.0%} of the brain voxels of "
+               f"all classes together (relevance above {threshold:.2e}) are drawn.")
     return heading(3, "Mean relevance per class") + figure(png, caption)
 
 
