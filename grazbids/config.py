@@ -23,6 +23,10 @@ DEFAULT_CV_FOLDS = 5
 DEFAULT_EPOCHS = 60  # as in Graz+ (Tinauer et al. 2022)
 DEFAULT_SEED = 42  # as in Graz+
 DEFAULT_PLUGIN = "MultiProc"
+# grazbids.explain.METHODS except zplus (always written with --model); a test keeps them equal
+EXPLAIN_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite", "gradcam",
+                   "guided_backprop", "gradient", "gradient_x_input", "integrated_gradients",
+                   "meaningful_perturbation")
 
 WORKFLOW_NAME = "grazbids_wf"
 GROUP_WORKFLOW_NAME = "group_wf"
@@ -50,6 +54,8 @@ class RunConfig:
     # deep learning
     device: str = "auto"
     model_dir: Path | None = None
+    explain: tuple[str, ...] = ()  # further explanation methods (grazbids.explain) with --model
+    explain_target: str = "predicted"
     target_column: str | None = None
     modes: tuple[str, ...] = DEFAULT_MODES
     cv_folds: int = DEFAULT_CV_FOLDS

@@ -98,7 +98,8 @@ def fake_participant_builder(fail_for=(), calls: list | None = None):
     """Stand-in for grazbids.workflows.participant.init_participant_wf (same signature)."""
 
     def init_participant_wf(*, subject, t1w_files, bids_dir, output_dir, template, resolution,
-                            registration, omp_nthreads, seed, model_dir=None, device="auto", name=None):
+                            registration, omp_nthreads, seed, model_dir=None, device="auto", explain=(),
+                            explain_target="predicted", name=None):
         from nipype.interfaces import utility as niu
         from nipype.pipeline import engine as pe
 

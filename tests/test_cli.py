@@ -72,6 +72,8 @@ def test_unknown_analysis_level_exits_17(tmp_path, capsys):
     ["participant", "--random-seed", "-1"],
     ["group", "--target-column", "dx", "--learning-rate", "0"],
     ["group", "--target-column", "dx", "--batch-size", "0"],
+    ["participant", "--explain", "gradcam"],  # --explain needs --model
+    ["participant", "--explain", "shap", "--model", "m"],
     ["participant", "--no-such-option"],
 ])
 def test_bad_options_exit_64(tmp_path, extra, capsys):
@@ -388,3 +390,25 @@ def test_real_group_workflow_connects_to_the_barrier(tmp_path, monkeypatch):
     for label in ("01", "02"):
         preprocess = next(n for n in graph.nodes if n.fullname.endswith(f"sub_{label}_wf.preprocess"))
         assert networkx.has_path(graph, preprocess, barrier)
+
+
+def test_explain_choices_match_the_library():
+    from grazbids.config import EXPLAIN_METHODS
+    from grazbids.explain import METHODS
+    from grazbids.utils.model_card import LRP_METHODS
+
+    assert set(EXPLAIN_METHODS) == set(METHODS) - {"zplus"}  # z+ is always written with --model
+    assert set(LRP_METHODS) == {name for name, m in METHODS.items() if m.family == "lrp"} - {"zplus"}
+
+
+def test_explain_target_is_checked_against_the_model_card(tmp_path):
+    from grazbids.exitcodes import GrazbidsError
+    from grazbids.utils.model_card import check_explain_target
+
+    (tmp_path / "model_card.json").write_text(json.dumps({"classes": ["control", "patient"]}))
+    check_explain_target(tmp_path, ("gradcam",), "patient")
+    check_explain_target(tmp_path, ("epsilon",), "softmax")
+    for explain, target in ((("gradcam",), "healthy"), (("gradcam",), "softmax")):
+        with pytest.raises(GrazbidsError) as err:
+            check_explain_target(tmp_path, explain, target)
+        assert err.value.code == ExitCode.USAGE

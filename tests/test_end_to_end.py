@@ -44,6 +44,7 @@ def test_participant_level_with_model_on_a_real_subject(real_bids_dir, tmp_path)
     bundle = _untrained_bundle(tmp_path / "model")
     code = main([str(real_bids_dir), str(out), "participant", "--participant-label", "01",
                  "--skip-bids-validation", "--model", str(bundle), "--device", "cpu",
+                 "--explain", "gradcam", "gradient_x_input", "--explain-target", "m",
                  "--nprocs", "2", "-w", str(tmp_path / "work")])
     assert code == 0
 
@@ -64,6 +65,14 @@ def test_participant_level_with_model_on_a_real_subject(real_bids_dir, tmp_path)
     meta = json.loads((anat / f"sub-01_space-{TPL}_res-2_desc-zplus_heatmap.json").read_text())
     assert meta["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
     assert "z+" in meta["Method"] and meta["ExplainedClass"].startswith("softmax")
+
+    for method, desc in (("gradcam", "gradcam"), ("gradient_x_input", "gradientxinput")):
+        extra = nb.load(str(anat / f"sub-01_space-{TPL}_res-2_desc-{desc}_heatmap.nii.gz")).get_fdata()
+        assert extra.shape == (97, 115, 97) and np.isfinite(extra).all() and np.abs(extra).sum() > 0
+        sidecar = json.loads((anat / f"sub-01_desc-{desc}_heatmap.json").read_text())
+        assert sidecar["MethodName"] == method and sidecar["ExplainedClass"] == "m"
+        assert sidecar["Sources"] == ["bids:raw:sub-01/anat/sub-01_T1w.nii.gz"]
+    assert nb.load(str(anat / "sub-01_desc-gradcam_heatmap.nii.gz")).shape == native.shape
 
     report = run_validator(out)
     assert report.errors == [], [report.describe(e) for e in report.errors]

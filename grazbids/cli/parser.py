@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="PATH",
                     help="participant level: trained model bundle folder (model_card.json + "
                          "model.safetensors) to predict and explain each participant")
+    dl.add_argument("--explain", nargs="+", choices=cfg.EXPLAIN_METHODS, default=[], metavar="METHOD",
+                    help="participant level, with --model: further explanation maps besides z+ LRP, "
+                         "each written in template and native space as desc-<method>_heatmap: "
+                         + ", ".join(cfg.EXPLAIN_METHODS) + " (meaningful_perturbation takes about "
+                         "an hour per image on a CPU)")
+    dl.add_argument("--explain-target", default="predicted", metavar="CLASS",
+                    help="class the --explain maps explain: 'predicted' (default), a class name of the "
+                         "model, or 'softmax' (LRP rules only: the probability-weighted vector)")
     dl.add_argument("--target-column", default=None, metavar="COLUMN",
                     help="group level (required): participants.tsv column holding the classes")
     dl.add_argument("--mode", dest="modes", nargs="+", choices=cfg.MODES,
@@ -206,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
     if ns.analysis_level == "group" and not ns.target_column:
         raise GrazbidsError(ExitCode.USAGE,
                             "the group level needs --target-column (a column of participants.tsv)")
+    if ns.explain and ns.analysis_level == "participant" and ns.model_dir is None:
+        raise GrazbidsError(ExitCode.USAGE, "--explain needs --model (a trained model bundle to explain)")
     template = ns.template
     if not BIDS_LABEL.match(template):
         raise GrazbidsError(ExitCode.USAGE,
@@ -244,6 +254,8 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         registration=ns.registration,
         device=ns.device,
         model_dir=ns.model_dir.expanduser().resolve() if ns.model_dir else None,
+        explain=tuple(dict.fromkeys(ns.explain)),
+        explain_target=ns.explain_target,
         target_column=ns.target_column,
         modes=tuple(dict.fromkeys(ns.modes)),
         cv_folds=ns.cv_folds,

@@ -14,7 +14,7 @@ from ..config import RunConfig
 from ..exitcodes import ExitCode, GrazbidsError
 from ..utils.bids_validator import ValidationReport, ValidatorUnavailable, run_validator
 from ..utils.dataset import check_output_owner
-from ..utils.model_card import check_model_space
+from ..utils.model_card import check_explain_target, check_model_space
 from ..utils.paths import check_writable_folder
 from ..utils.selection import check_bids_root, find_preprocessed_t1w, load_layout, select_participants
 from ..utils.targets import check_target
@@ -100,6 +100,7 @@ def check_model(config: RunConfig) -> None:
         LOGGER.warning("--model is used at the participant level only; ignored at the group level")
         return
     check_model_space(config.model_dir, config.template, config.resolution)
+    check_explain_target(config.model_dir, config.explain, config.explain_target)
 
 
 def check_template(config: RunConfig) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..exitcodes import ExitCode, GrazbidsError
 
 CARD_NAME = "model_card.json"
+LRP_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite")
 
 
 def read_model_input_space(model_path: Path) -> tuple[str, int]:
@@ -50,3 +51,20 @@ def check_model_space(model_path: Path, template: str, resolution: int) -> None:
             f"rerun with --template {model_template} --resolution {model_resolution} or use a "
             "model trained on this space",
         )
+
+
+def check_explain_target(model_path: Path, explain: tuple[str, ...], target: str) -> None:
+    """64 when --explain-target is neither 'predicted'/'softmax' nor a class of the model."""
+    if not explain or target == "predicted":
+        return
+    gradient_methods = [m for m in explain if m not in LRP_METHODS]
+    if target == "softmax":
+        if gradient_methods:
+            raise GrazbidsError(ExitCode.USAGE, "--explain-target softmax is defined for the LRP rules only, not "
+                                f"{', '.join(gradient_methods)}; use 'predicted' or a class name")
+        return
+    card_path = model_path / CARD_NAME if model_path.is_dir() else model_path
+    classes = [str(c) for c in json.loads(card_path.read_text()).get("classes", [])]
+    if target not in classes:
+        raise GrazbidsError(ExitCode.USAGE, f"--explain-target {target!r} is not a class of the model "
+                            f"{model_path} ({', '.join(classes)}), nor 'predicted' or 'softmax'")

@@ -87,6 +87,7 @@ def init_grazbids_wf(config: RunConfig):
             # inference belongs to the participant level only; the group level trains
             model_dir=None if config.is_group_level or config.model_dir is None else str(config.model_dir),
             device=config.device,
+            **({"explain": config.explain, "explain_target": config.explain_target} if config.explain else {}),
             name=participant_workflow_name(label),
         )
         participant_wfs.append(participant_wf)

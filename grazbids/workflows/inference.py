@@ -5,12 +5,18 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.derivatives import DerivativesSink
+from ..interfaces.explain import ExplainMap, method_desc
 from ..interfaces.model import PredictAndExplain
 from ..interfaces.registration import ApplyTransforms
 
 
-def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str, resolution: int, name="inference_wf") -> pe.Workflow:
+def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str, resolution: int,
+                      explain: tuple[str, ...] = (), explain_target: str = "predicted",
+                      name="inference_wf") -> pe.Workflow:
     """Predict the class of one T1w and write its heat map in template and native space.
+
+    ``explain``: further grazbids.explain methods, each written like the z+ map with
+    ``desc-<method>`` (``explain_target``: 'predicted', 'softmax' or a class name).
 
     ``inputnode``: ``t1w_template``, ``brain_mask_template`` (template grid),
     ``reverse_transforms`` (template -> T1w), ``t1w_native`` (reference grid of the
@@ -48,4 +54,37 @@ def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str,
         (inputnode, sink_native, [("source_file", "source_file")]),
         (inputnode, sink_predictions, [("source_file", "source_file")]),
     ])
+    for method in explain:
+        _add_explanation(workflow, inputnode, method, explain_target, model_dir=model_dir, device=device,
+                         template=template, resolution=resolution, common=common)
     return workflow
+
+
+def explanation_sink_names(method: str) -> tuple[str, str]:
+    """Names of the template- and native-space sinks of one method's map."""
+    return f"ds_{method}_template", f"ds_{method}_native"
+
+
+def _add_explanation(workflow, inputnode, method: str, target: str, *, model_dir, device, template, resolution,
+                     common: dict) -> None:
+    """One explanation node, its warp to native space and two derivative sinks."""
+    node = pe.Node(ExplainMap(model_dir=str(model_dir), method=method, target=target, device=device),
+                   name=f"explain_{method}", mem_gb=4.0)
+    to_native = pe.Node(ApplyTransforms(interpolation="linear"), name=f"{method}_to_native")
+    name_template, name_native = explanation_sink_names(method)
+    desc = method_desc(method)
+    sink_template = pe.Node(DerivativesSink(space=template, res=str(resolution), desc=desc, suffix="heatmap",
+                                            extension=".nii.gz", **common),
+                            name=name_template, run_without_submitting=True)
+    sink_native = pe.Node(DerivativesSink(desc=desc, suffix="heatmap", extension=".nii.gz", **common),
+                          name=name_native, run_without_submitting=True)
+    workflow.connect([
+        (inputnode, node, [("t1w_template", "t1w_template"), ("brain_mask_template", "brain_mask_template")]),
+        (node, to_native, [("heatmap", "input_image")]),
+        (inputnode, to_native, [("t1w_native", "reference_image"), ("reverse_transforms", "transforms")]),
+        (node, sink_template, [("heatmap", "in_file"), ("heatmap_metadata", "extra_metadata")]),
+        (to_native, sink_native, [("output_image", "in_file")]),
+        (node, sink_native, [("heatmap_metadata", "extra_metadata")]),
+        (inputnode, sink_template, [("source_file", "source_file")]),
+        (inputnode, sink_native, [("source_file", "source_file")]),
+    ])

@@ -54,7 +54,8 @@ def set_crashdump_dir(workflow: pe.Workflow, crashdump_dir: str | Path) -> None:
 def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_dir,
                         template: str, resolution: int, registration: str,
                         omp_nthreads: int, seed: int, model_dir: str | None = None,
-                        device: str = "auto", name=None) -> pe.Workflow:
+                        device: str = "auto", explain: tuple[str, ...] = (), explain_target: str = "predicted",
+                        name=None) -> pe.Workflow:
     """Preprocessing (and optional inference) of every T1w of one participant."""
     subject = subject[4:] if subject.startswith("sub-") else subject
     if not t1w_files:
@@ -76,6 +77,7 @@ def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_
             t1w_file=t1w_file, template=template_files, bids_dir=str(bids_dir),
             output_dir=str(output_dir), registration=registration,
             omp_nthreads=omp_nthreads, seed=seed, model_dir=model_dir, device=device,
+            explain=tuple(explain), explain_target=explain_target,
             name=anat_workflow_name(t1w_file),
         )
         workflow.connect([
@@ -95,6 +97,7 @@ def init_participant_wf(*, subject: str, t1w_files: list[str], bids_dir, output_
 def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: str,
                          output_dir: str, registration: str, omp_nthreads: int, seed: int,
                          model_dir: str | None = None, device: str = "auto",
+                         explain: tuple[str, ...] = (), explain_target: str = "predicted",
                          name: str = "anat_wf") -> pe.Workflow:
     """Registration, masks and derivatives of one T1w."""
     workflow = pe.Workflow(name=name)
@@ -201,6 +204,10 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
     # the report section reads the written derivatives, after every sink (Merge: barrier)
     section = pe.Node(ReportSection(output_dir=output_dir), name="report_section", mem_gb=1.0)
     inference_sinks = ("ds_heatmap_template", "ds_heatmap_native", "ds_predictions") if model_dir else ()
+    if model_dir:
+        from .inference import explanation_sink_names  # late: optional, heavy (torch)
+
+        inference_sinks += tuple(name for method in explain for name in explanation_sink_names(method))
     written = pe.Node(niu.Merge(len(sinks) + len(inference_sinks), ravel_inputs=True),
                       name="merge_derivatives", run_without_submitting=True)
     for index, ds in enumerate(sinks, start=1):
@@ -218,7 +225,8 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
     if model_dir:
         inference_wf = _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template,
                                       template=template, model_dir=model_dir, device=device,
-                                      bids_dir=bids_dir, output_dir=output_dir)
+                                      bids_dir=bids_dir, output_dir=output_dir, explain=explain,
+                                      explain_target=explain_target)
         for index, name in enumerate(inference_sinks, start=len(sinks) + 1):
             workflow.connect(inference_wf, f"{name}.out_file", written, f"in{index}")
         workflow.connect([(inference_wf, section, [("ds_heatmap_template.out_file", "heatmap_template"),
@@ -227,7 +235,7 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
 
 
 def _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template, *, template,
-                   model_dir, device, bids_dir, output_dir) -> pe.Workflow:
+                   model_dir, device, bids_dir, output_dir, explain=(), explain_target="predicted") -> pe.Workflow:
     """The lead's inference sub-workflow, fed with this T1w's derivatives."""
     from .inference import init_inference_wf  # late: optional, heavy (torch)
 
@@ -238,6 +246,8 @@ def _add_inference(workflow, inputnode, register, ds_t1w, ds_mask_template, *, t
         kwargs["template"] = template.name
     if "resolution" in accepted:
         kwargs["resolution"] = template.resolution
+    if explain:
+        kwargs.update(explain=tuple(explain), explain_target=explain_target)
     inference_wf = init_inference_wf(**kwargs)
     workflow.connect([
         (ds_t1w, inference_wf, [("out_file", "inputnode.t1w_template")]),

@@ -1,0 +1,88 @@
+"""Nipype interface: one post-hoc explanation map (grazbids.explain) of one image."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import BaseInterface, BaseInterfaceInputSpec, File, TraitedSpec, traits
+
+
+def method_desc(method: str) -> str:
+    """BIDS `desc` value of a method's map (alphanumeric): gradient_x_input -> gradientxinput."""
+    return re.sub(r"[^a-zA-Z0-9]", "", method)
+
+
+def resolve_target(target: str, classes: list[str]) -> str | int:
+    """'predicted', 'softmax' or a class name of the model -> explain()'s target."""
+    if target in ("predicted", "softmax"):
+        return target
+    if target in classes:
+        return classes.index(target)
+    raise ValueError(f"--explain-target {target!r}: not 'predicted', 'softmax' or a class of the model "
+                     f"({', '.join(classes)})")
+
+
+class _ExplainInputSpec(BaseInterfaceInputSpec):
+    t1w_template = File(exists=True, mandatory=True, desc="T1w on the template grid")
+    brain_mask_template = File(exists=True, mandatory=True, desc="brain mask on the template grid")
+    model_dir = traits.Directory(exists=True, mandatory=True, desc="model bundle folder")
+    method = traits.Str(mandatory=True, desc="a grazbids.explain.METHODS name")
+    target = traits.Str("predicted", usedefault=True, desc="'predicted', 'softmax' (LRP) or a class name")
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+
+
+class _ExplainOutputSpec(TraitedSpec):
+    heatmap = File(exists=True, desc="explanation map on the template grid")
+    heatmap_metadata = traits.Dict(desc="sidecar fields: method, parameters, class explained, model")
+
+
+class ExplainMap(BaseInterface):
+    """The map of one explanation method for the model's decision on one image."""
+
+    input_spec = _ExplainInputSpec
+    output_spec = _ExplainOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from ..engine import load_bundle
+        from ..engine.device import resolve_device
+        from ..explain import describe, explain
+        from ..inference import load_input
+
+        inputs = self.inputs
+        device = resolve_device(inputs.device)
+        model, card = load_bundle(inputs.model_dir, device=device)
+        target = resolve_target(inputs.target, list(card["classes"]))
+        data, mask, affine = load_input(inputs.t1w_template, inputs.brain_mask_template, card)
+        x = torch.from_numpy(data)[None, None].to(device)
+        if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
+            x = x * torch.from_numpy(mask)[None, None].to(device)
+        with torch.no_grad():
+            predicted = int(model(x).argmax(1))
+        heatmap = explain(model, x, inputs.method, target=target)[0, 0].cpu().numpy()
+        out = Path(runtime.cwd) / "heatmap.nii.gz"
+        nb.save(nb.Nifti1Image(heatmap.astype(np.float32), affine), str(out))
+        explained = {"predicted": f"predicted class ({card['classes'][predicted]!r} for this image)",
+                     "softmax": "softmax vector (all classes, each weighted by its probability)"}
+        description = describe(inputs.method, target=None)
+        self._heatmap = str(out)
+        self._metadata = {
+            "Description": f"{inputs.method} explanation map of the model's decision",
+            "Method": description["summary"],
+            "MethodName": inputs.method,
+            "MethodParameters": description["parameters"],
+            "ExplainedClass": explained.get(inputs.target, inputs.target),
+            "Model": os.path.abspath(inputs.model_dir),
+            "ModelTrainingMode": card["mode"],
+            "ModelClasses": card["classes"],
+            "ModelTargetColumn": card["target_column"],
+            "Units": "arbitrary (relevance or attribution; signed for gradient methods)",
+        }
+        return runtime
+
+    def _list_outputs(self):
+        return {"heatmap": self._heatmap, "heatmap_metadata": self._metadata}
