@@ -94,27 +94,64 @@ def find_samples(
     return samples
 
 
-def load_cohort(samples: list[Sample]) -> tuple[TrainingData, list[str], np.ndarray]:
+GUIDANCE_SPEC = re.compile(r"^(desc|label)-([a-zA-Z0-9]+)$")
+
+
+def find_guidance_masks(samples: list[Sample], spec: str, *, bids_dir, output_dir, template: str,
+                        resolution: int) -> list[Path]:
+    """Per sample, the template-space mask named by ``spec``: ``desc-<x>`` finds
+    ``*_desc-<x>_mask.nii.gz``, ``label-<x>`` ``*_label-<x>_probseg.nii.gz`` or ``_mask``; searched
+    in output_dir (grazbids' own masks) and in the input dataset's derivatives."""
+    match = GUIDANCE_SPEC.match(spec)
+    if not match:
+        raise GroupInputError(f"--guidance-mask {spec!r}: use desc-<label> (e.g. desc-lesion) or label-<label> "
+                              "(e.g. label-GM)")
+    entity, value = match.groups()
+    suffixes = ("mask",) if entity == "desc" else ("probseg", "mask")
+    roots = [Path(output_dir)] + sorted(p for p in (Path(bids_dir) / "derivatives").glob("*") if p.is_dir())
+    found = []
+    for s in samples:
+        ses = f"_ses-{s.session}" if s.session else ""
+        names = [f"sub-{s.participant}{ses}*_space-{template}_res-{resolution}_{entity}-{value}_{suffix}.nii.gz"
+                 for suffix in suffixes]
+        hits = [hit for root in roots for name in names for hit in sorted(root.glob(f"sub-{s.participant}/**/{name}"))]
+        if not hits:
+            raise GroupInputError(
+                f"sub-{s.participant}{ses}: no guidance mask {names[0]} in {output_dir} or "
+                f"{Path(bids_dir) / 'derivatives'}/*; --guidance-mask needs one per participant in template space"
+            )
+        found.append(hits[0])
+    return found
+
+
+def load_cohort(samples: list[Sample], guidance: list[Path] | None = None) -> tuple[TrainingData, list[str], np.ndarray]:
     labels, classes = encode_labels([s.label for s in samples])
     if len(classes) < 2:
         raise GroupInputError(f"the target has only one class ({classes}) among the selected participants")
     images, masks, affine = [], [], None
-    for s in samples:
+    for k, s in enumerate(samples):
         img = nb.load(str(s.image))
         mask = (np.asanyarray(nb.load(str(s.mask)).dataobj) > 0.5).astype(np.float32)
         images.append(NORMALISATION.apply(np.asanyarray(img.dataobj), mask))
+        if guidance is not None:  # channel 1: the guidance mask, kept inside the brain
+            extra = np.asanyarray(nb.load(str(guidance[k])).dataobj, dtype=np.float32)
+            if extra.shape != mask.shape:
+                raise GroupInputError(f"{guidance[k]}: grid {extra.shape} differs from the brain mask's {mask.shape}")
+            mask = np.stack([mask, np.clip(extra, 0, 1) * mask])
         masks.append(mask)
         affine = img.affine if affine is None else affine
     if len({im.shape for im in images}) != 1:
         raise GroupInputError("preprocessed images have different grids; rerun the participant level with one --template/--resolution")
     data = TrainingData(
-        torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks)[:, None]),
+        torch.from_numpy(np.stack(images)[:, None]),
+        torch.from_numpy(np.stack(masks) if guidance is not None else np.stack(masks)[:, None]),
         torch.from_numpy(labels), len(classes),
     )
     return data, classes, affine
 
 
-def cohort_key(samples: list[Sample], cv_folds: int, template: str, resolution: int) -> str:
+def cohort_key(samples: list[Sample], cv_folds: int, template: str, resolution: int,
+               guidance: list[Path] | None = None) -> str:
     """Names the checkpoint folder: a checkpoint only resumes for the same cohort and folds.
 
     (The trainer's own fingerprint covers the settings and the training indices, not which
@@ -122,6 +159,7 @@ def cohort_key(samples: list[Sample], cv_folds: int, template: str, resolution: 
     """
     content = [[str(Path(s.image).resolve()), s.image.stat().st_mtime_ns, s.label] for s in samples]
     content += [cv_folds, template, resolution]  # a rewritten image (new mtime) starts afresh
+    content += [[str(Path(p).resolve()), Path(p).stat().st_mtime_ns] for p in guidance or []]
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:12]
 
 
@@ -167,7 +205,7 @@ def _write_explanation_metrics(out_dir: Path, samples: list[Sample], rows: list[
 def train_mode(
     mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
     cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
-    dataset_name: str, training_options: dict | None = None,
+    dataset_name: str, training_options: dict | None = None, guidance_mask: str | None = None,
 ) -> dict:
     arch = Architecture(tuple(data.images.shape[2:]), n_classes=len(classes))
     options = dict(training_options or {})
@@ -194,7 +232,7 @@ def train_mode(
         result = Trainer(arch, settings, work_dir / f"fold-{k}", name=f"{mode} fold {k}/{cv_folds}").fit(data, train, val)
         oof_probs[val] = result.val_probabilities
         oof_fold[val] = k
-        x = data.images[val] * (data.masks[val] if mode == "masked" else 1)
+        x = data.images[val] * (data.masks[val, :1] if mode == "masked" else 1)
         with torch.inference_mode():
             relevance, _ = zplus_heatmap(result.model, x)
         relevance = relevance[:, 0].numpy()
@@ -276,12 +314,14 @@ def train_mode(
         "input": {
             "template": template, "resolution": resolution, "grid_shape": list(arch.input_shape),
             "intensity_normalisation": NORMALISATION.to_dict(), "mask": "brain mask in template space",
+            "guidance_mask": guidance_mask,  # relevance-term mask (None: the brain mask)
             "preprocessing": "grazbids participant level (antspyx registration to the template)",
         },
         "training": {
             "optimizer": "Adam", "learning_rate": final_settings.learning_rate, "epochs": final_epochs,
             "batch_size": final_settings.batch_size, "accumulation_steps": final_settings.accumulation_steps,
             "relevance_weight": final_settings.relevance_weight, "class_weights": "inverse frequency",
+            "guidance_loss": final_settings.guidance_loss, "guidance_power": final_settings.guidance_power,
             "epoch_rule": "median over CV folds of the epoch with the best validation balanced accuracy "
                           "(ties: higher relevance inside the mask, then later epoch)",
         },
@@ -299,7 +339,7 @@ def train_mode(
 def run_group_training(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
     epochs: int, seed: int, device: str, template: str, resolution: int, work_dir,
-    training_options: dict | None = None,
+    training_options: dict | None = None, guidance_mask: str | None = None,
 ) -> dict:
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     targets = read_targets(bids_dir, target_column)
@@ -309,7 +349,9 @@ def run_group_training(
             f"only {len({s.participant for s in samples})} participants with preprocessed data and a {target_column!r} "
             f"value; need at least --cv-folds={cv_folds}"
         )
-    data, classes, affine = load_cohort(samples)
+    guidance = find_guidance_masks(samples, guidance_mask, bids_dir=bids_dir, output_dir=output_dir,
+                                   template=template, resolution=resolution) if guidance_mask else None
+    data, classes, affine = load_cohort(samples, guidance)
     counts = {c: int((data.labels.numpy() == j).sum()) for j, c in enumerate(classes)}
     LOG.info("group level: %d samples from %d participants, %s = %s", len(samples),
              len({s.participant for s in samples}), target_column, counts)
@@ -317,7 +359,7 @@ def run_group_training(
         dataset_name = json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("Name", "")
     except (OSError, json.JSONDecodeError):
         dataset_name = ""
-    cohort_dir = work_dir / f"cohort-{cohort_key(samples, cv_folds, template, resolution)}"
+    cohort_dir = work_dir / f"cohort-{cohort_key(samples, cv_folds, template, resolution, guidance)}"
     LOG.info("group level: training checkpoints in %s (an interrupted run resumes from them)", cohort_dir)
     summaries = {}
     for mode in modes:
@@ -325,7 +367,7 @@ def run_group_training(
             mode, data, samples, classes, affine, out_dir=output_dir / "group" / f"mode-{mode}",
             work_dir=cohort_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
-            training_options=training_options or {},
+            training_options=training_options or {}, guidance_mask=guidance_mask,
         )
     if _is_main_process():
         _write_modes_summary(output_dir / "group", summaries)

@@ -103,3 +103,27 @@ def test_normalisation_is_scale_invariant_and_non_negative():
     assert IntensityNormalisation.from_dict(norm.to_dict()) == norm
     with pytest.raises(ValueError, match="no positive voxel"):
         norm.apply(np.zeros((4, 4, 4)), np.ones((4, 4, 4)))
+
+
+def test_ratio_guidance_loss_matches_its_definition():
+    """CE / M^p, M = sum(G R) / sum(B R) from the explicit z+ map; empty guidance -> CE."""
+    model = tiny_model(n_classes=2)
+    x = torch.rand(3, 1, 8, 7, 6, dtype=torch.float64)
+    brain = torch.zeros_like(x)
+    brain[:, :, 1:7, 1:6, 1:5] = 1
+    guidance = torch.zeros_like(x)
+    guidance[:2, :, 3:5, 2:4, 2:4] = 1  # the third sample has no lesion
+    y, w = torch.tensor([0, 1, 1]), torch.ones(3, dtype=torch.float64)
+    out = compute_loss(model, x, torch.cat([brain, guidance], 1), y, w, "grazplus",
+                       guidance_loss="ratio", guidance_power=2.0)
+    relevance, logits = zplus_heatmap(model, x)
+    share = (relevance * guidance).sum((1, 2, 3, 4)) / (relevance * brain).sum((1, 2, 3, 4))
+    ce = F.cross_entropy(logits, y, reduction="none")
+    expected = torch.stack([ce[0] / share[0] ** 2, ce[1] / share[1] ** 2, ce[2]]).mean()
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.relevance_inside, (relevance * guidance).sum((1, 2, 3, 4)))
+    # additive with a guidance mask: CE - sum(G R)
+    additive = compute_loss(model, x, torch.cat([brain, guidance], 1), y, w, "grazplus")
+    torch.testing.assert_close(additive.loss, (ce - (relevance * guidance).sum((1, 2, 3, 4))).mean())
+    with pytest.raises(ValueError, match="unknown guidance loss"):
+        compute_loss(model, x, brain, y, w, "grazplus", guidance_loss="product")

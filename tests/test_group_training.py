@@ -122,3 +122,15 @@ def test_rerun_resumes_from_the_checkpoints_of_the_same_cohort(tmp_path):
     assert second["grazplus"]["per_fold"] == first["grazplus"]["per_fold"]
     _run(bids, out, participants[1:], tmp_path, epochs=1)
     assert len(list((tmp_path / "work").glob("cohort-*"))) == 2
+
+
+def test_guidance_mask_from_the_input_derivatives(tmp_path):
+    bids, out, participants = _cohort(tmp_path, n=6, references=True)
+    _run(bids, out, participants, tmp_path, epochs=1, guidance_mask="desc-effect",
+         training_options={"guidance_loss": "ratio"})
+    _, card = load_bundle(out / "group" / "mode-grazplus" / "model")
+    assert card["input"]["guidance_mask"] == "desc-effect" and card["training"]["guidance_loss"] == "ratio"
+    with pytest.raises(GroupInputError, match="no guidance mask .*desc-lesion_mask"):
+        _run(bids, out, participants, tmp_path, epochs=1, guidance_mask="desc-lesion")
+    with pytest.raises(GroupInputError, match="use desc-<label>"):
+        _run(bids, out, participants, tmp_path, epochs=1, guidance_mask="lesion")

@@ -146,3 +146,23 @@ def test_unknown_target_is_an_error():
         start_relevance(torch.zeros(1, 2), "nonsense")
     with pytest.raises(ValueError, match="out of range"):
         start_relevance(torch.zeros(1, 2), 5)
+
+
+def test_masked_relevance_with_two_masks_equals_two_sweeps():
+    """Brain + guidance mask in one sweep: same sums and gradients as one sweep per mask."""
+    model = tiny_model()
+    x = torch.rand(3, 1, 8, 7, 6, dtype=torch.float64)
+    masks = (torch.rand(3, 2, 8, 7, 6, dtype=torch.float64) > 0.5).to(torch.float64)
+    logits, both, total = masked_relevance(model, x, masks)
+    assert both.shape == (3, 2)
+    grads_both = torch.autograd.grad(both.sum(), list(model.parameters()))
+    singles, grads_single = [], None
+    for k in range(2):
+        _, inside, total_k = masked_relevance(model, x, masks[:, k:k + 1])
+        singles.append(inside)
+        torch.testing.assert_close(total_k, total)
+        g = torch.autograd.grad(inside.sum(), list(model.parameters()))
+        grads_single = g if grads_single is None else [a + b for a, b in zip(grads_single, g)]
+    torch.testing.assert_close(both, torch.stack(singles, dim=1))
+    for a, b in zip(grads_both, grads_single):
+        torch.testing.assert_close(a, b)

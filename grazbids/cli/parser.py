@@ -82,7 +82,8 @@ def _cv_folds(text: str) -> int:
 
 
 # command-line options passed on to grazbids.engine.TrainSettings (same names)
-TRAINING_OPTIONS = ("learning_rate", "batch_size", "accumulation_steps", "relevance_weight")
+TRAINING_OPTIONS = ("learning_rate", "batch_size", "accumulation_steps", "relevance_weight", "guidance_loss",
+                    "guidance_power")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 4; effective batch = batch size x this)")
     dl.add_argument("--relevance-weight", type=_positive_float, default=None, metavar="W",
                     help="group level: weight of the Graz+ relevance term (default: 1.0)")
+    dl.add_argument("--guidance-mask", default=None, metavar="ENTITY",
+                    help="group level, mode grazplus: guide relevance into this mask instead of the brain "
+                         "mask, one per participant in template space, e.g. desc-lesion "
+                         "(*_desc-lesion_mask.nii.gz in output_dir or the input's derivatives/) or label-GM "
+                         "(grazbids' grey-matter probabilities)")
+    dl.add_argument("--guidance-loss", choices=("additive", "ratio"), default=None,
+                    help="group level, mode grazplus: relevance term: 'additive' CE - w * relevance in the "
+                         "mask (Graz+, default) or 'ratio' CE / M^p, M = relevance in the mask / relevance "
+                         "in the brain (Sefcik & Benesova)")
+    dl.add_argument("--guidance-power", type=_positive_float, default=None, metavar="P",
+                    help="group level: p of the ratio loss (default: 1)")
     dl.add_argument("--random-seed", type=_seed, default=cfg.DEFAULT_SEED, metavar="SEED",
                     help="seed for data splits, weight initialisation and shuffling (default: %(default)s)")
     return parser
@@ -261,6 +273,7 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         cv_folds=ns.cv_folds,
         epochs=ns.epochs,
         training_options={key: getattr(ns, key) for key in TRAINING_OPTIONS if getattr(ns, key) is not None},
+        guidance_mask=ns.guidance_mask,
         random_seed=ns.random_seed,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,

@@ -5,6 +5,16 @@
 * ``grazplus``: cross-entropy + lambda * (-sum(mask * R)), R the network's own z+ map
   started from the softmax vector, so the second term is minus the relevance fraction
   inside the mask. Both terms are weighted per sample by the class weight.
+
+Mask guidance (Šefčík & Benešová) generalises the mask: ``mask`` may carry a second
+channel, a guidance mask (lesion, tissue, ...) that replaces the brain mask in the
+relevance term. ``guidance_loss`` picks the term:
+
+* ``additive`` (Graz+): CE - lambda * sum(G * R);
+* ``ratio`` (Šefčík): CE / M^p with M = sum(G * R) / sum(B * R), the share of the
+  relevance inside the brain that lies in the guidance mask (differentiable here; the
+  paper treated M as a constant). Samples with an empty guidance mask (e.g. controls
+  without a lesion) keep the plain CE.
 """
 from __future__ import annotations
 
@@ -14,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lrp import masked_relevance
+from .lrp import masked_relevance, safe_divide
 
 MODES = ("plain", "masked", "grazplus")
+GUIDANCE_LOSSES = ("additive", "ratio")
 
 
 @dataclass
@@ -60,6 +71,8 @@ def compute_loss(
     mode: str,
     relevance_weight: float = 1.0,
     track_relevance: bool = True,
+    guidance_loss: str = "additive",
+    guidance_power: float = 1.0,
 ) -> StepOutput:
     """Loss of one (micro-)batch in the given mode.
 
@@ -68,14 +81,31 @@ def compute_loss(
     for architectures other than the Graz+ network.
     """
     check_mode(mode)
-    inputs = x * mask if mode == "masked" else x
+    if guidance_loss not in GUIDANCE_LOSSES:
+        raise ValueError(f"unknown guidance loss {guidance_loss!r}; choose one of {', '.join(GUIDANCE_LOSSES)}")
+    brain = mask[:, :1]
+    inputs = x * brain if mode == "masked" else x
+    if mode == "grazplus" and (mask.shape[1] > 1 or guidance_loss == "ratio"):
+        # brain and guidance mask (the brain twice without guidance) in one sweep
+        guidance = mask[:, 1:2] if mask.shape[1] > 1 else brain
+        logits, both, total = masked_relevance(model, inputs, torch.cat([brain, guidance], dim=1))
+        inside_brain, inside = both[:, 0], both[:, 1]
+        ce = F.cross_entropy(logits, y, reduction="none")
+        if guidance_loss == "additive":
+            per_sample = ce - relevance_weight * inside
+        else:
+            share = safe_divide(inside, inside_brain).clamp_min(1e-6)
+            has_guidance = guidance.flatten(1).sum(dim=1) > 0
+            per_sample = torch.where(has_guidance, ce / share.pow(guidance_power), ce)
+        loss = (sample_weight * per_sample).mean()
+        return StepOutput(loss, logits, ce.detach(), inside, total)
     if mode == "grazplus":
-        logits, inside, total = masked_relevance(model, inputs, mask)
+        logits, inside, total = masked_relevance(model, inputs, brain)
     else:
         logits, inside, total = model(inputs), None, None
         if track_relevance and hasattr(model, "lrp_layers"):
             with torch.no_grad():
-                _, inside, total = masked_relevance(model, inputs, mask)
+                _, inside, total = masked_relevance(model, inputs, mask[:, -1:])
         elif track_relevance:  # other architectures: NaN (explain them with grazbids.explain)
             inside, total = _untracked(x)
     ce = F.cross_entropy(logits, y, reduction="none")

@@ -140,16 +140,25 @@ def zplus_heatmap(model: nn.Module, x: torch.Tensor, target: Target = "softmax")
     return relevance.reshape(x.shape), logits
 
 
+def _per_mask(t: torch.Tensor, n_masks: int) -> torch.Tensor:
+    """Repeat each sample's tensor once per mask (matching the sample-major mask stack)."""
+    return t.repeat_interleave(n_masks, dim=0) if n_masks > 1 else t
+
+
 def masked_relevance(
     model: nn.Module, x: torch.Tensor, mask: torch.Tensor, target: Target = "softmax"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, ``sum(mask * R)`` and ``sum(R)`` per sample, in one forward sweep.
 
-    ``R`` is the z+ map of ``zplus_heatmap``; ``mask`` broadcasts against ``x``.
+    ``R`` is the z+ map of ``zplus_heatmap``; ``mask`` broadcasts against ``x``. A mask
+    with K > 1 channels (N, K, D, H, W) gives ``sum(mask_k * R)`` for each: shape (N, K).
     """
     layers = _weighted_layers(model)
+    n_masks = mask.shape[1] if mask.dim() == x.dim() else 1
     a = x
-    inside = x * mask  # the part of each activation whose z+ evidence comes from inside the mask
+    # the part of each activation whose z+ evidence comes from inside each mask; the K
+    # masks ride along the batch dimension (sample-major) through the same layers
+    inside = (x * mask).reshape(x.shape[0] * n_masks, 1, *x.shape[2:]) if n_masks > 1 else x * mask
     for i, layer in enumerate(layers):
         a = _flatten_if_dense(layer, a)
         inside = _flatten_if_dense(layer, inside)
@@ -158,10 +167,13 @@ def masked_relevance(
         if i < len(layers) - 1:
             a = torch.relu(pre)
             # a > 0 implies z > 0 when biases are <= 0 (the model's constraint)
-            inside = z_inside * (a / stabilised(z))
+            inside = z_inside * _per_mask(a / stabilised(z), n_masks)
         else:
-            logits, fraction = pre, safe_divide(z_inside, z)
+            logits, fraction = pre, safe_divide(z_inside, _per_mask(z, n_masks))
     relevance = start_relevance(logits, target)
-    inside_sum = (relevance * fraction).sum(dim=1)
+    if n_masks > 1:
+        inside_sum = (_per_mask(relevance, n_masks) * fraction).sum(dim=1).reshape(-1, n_masks)
+    else:
+        inside_sum = (relevance * fraction).sum(dim=1)
     total = (relevance * (z != 0).to(relevance.dtype)).sum(dim=1)
     return logits, inside_sum, total

@@ -46,6 +46,8 @@ class TrainSettings:
     accumulation_steps: int = 4  # effective batch = batch_size * accumulation_steps
     learning_rate: float = 1e-4
     relevance_weight: float = 1.0
+    guidance_loss: str = "additive"  # relevance term: Graz+ "additive" or Šefčík's "ratio" (CE / M^p)
+    guidance_power: float = 1.0  # p of the ratio loss
     seed: int = 42
     device: str = "auto"
     compile: bool = False  # torch.compile the loss (faster; falls back to eager on failure)
@@ -60,7 +62,11 @@ class TrainSettings:
 
 @dataclass
 class TrainingData:
-    """Images and masks as (N, 1, D, H, W) float32 tensors, labels as (N,) int64."""
+    """Images (N, 1, D, H, W) and masks float32 tensors, labels (N,) int64.
+
+    ``masks`` has the brain mask in channel 0 and, optionally, a guidance mask (lesion,
+    tissue, ...) in channel 1 that the relevance term uses instead (see losses.py).
+    """
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -68,8 +74,11 @@ class TrainingData:
     n_classes: int
 
     def __post_init__(self):
-        if self.images.shape != self.masks.shape:
-            raise ValueError(f"images {tuple(self.images.shape)} and masks {tuple(self.masks.shape)} differ")
+        same_grid = self.masks.dim() == 5 and self.masks.shape[0] == self.images.shape[0] \
+            and self.masks.shape[2:] == self.images.shape[2:] and self.masks.shape[1] in (1, 2)
+        if not same_grid:
+            raise ValueError(f"masks {tuple(self.masks.shape)} must be (N, 1 or 2, D, H, W) like images "
+                             f"{tuple(self.images.shape)}")
         if self.images.dim() != 5 or self.images.shape[1] != 1:
             raise ValueError(f"images must be (N, 1, D, H, W), got {tuple(self.images.shape)}")
         if (self.images < 0).any():
@@ -160,7 +169,8 @@ class Trainer:
         s = self.settings
 
         def loss(x, mask, y, w):
-            out = compute_loss(model, x, mask, y, w, s.mode, s.relevance_weight)
+            out = compute_loss(model, x, mask, y, w, s.mode, s.relevance_weight,
+                               guidance_loss=s.guidance_loss, guidance_power=s.guidance_power)
             return out.loss, out.logits, out.ce, out.relevance_inside, out.relevance_total
 
         if not s.compile:
