@@ -62,6 +62,7 @@ class RunConfig:
     epochs: int = DEFAULT_EPOCHS
     # optimiser settings; None = the engine's defaults (grazbids.engine.TrainSettings)
     training_options: dict = field(default_factory=dict)
+    architecture: str = "grazplus"  # or "kondrateva" (Kondrateva et al.; plain/masked modes only)
     guidance_mask: str | None = None  # e.g. "desc-lesion": relevance-term mask instead of the brain
     random_seed: int = DEFAULT_SEED
     # execution

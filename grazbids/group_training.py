@@ -22,9 +22,11 @@ import torch
 from . import __version__
 from .engine import (
     Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings, balanced_accuracy,
-    encode_labels, participant_folds, save_bundle, zplus_heatmap,
+    encode_labels, participant_folds, save_bundle,
 )
+from .engine.architectures import kondrateva_architecture
 from .engine.trainer import distributed_rank_and_size
+from .inference import zplus_map
 from .explanation_table import COLUMN_DESCRIPTIONS, participant_row, reference_masks, summarise, tissue_maps
 from .utils.atomic import atomic_path, write_json, write_text
 
@@ -206,8 +208,11 @@ def train_mode(
     mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
     cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
     dataset_name: str, training_options: dict | None = None, guidance_mask: str | None = None,
+    architecture: str = "grazplus",
 ) -> dict:
-    arch = Architecture(tuple(data.images.shape[2:]), n_classes=len(classes))
+    shape = tuple(data.images.shape[2:])
+    arch = (kondrateva_architecture(shape, len(classes)) if architecture == "kondrateva"
+            else Architecture(shape, n_classes=len(classes)))
     options = dict(training_options or {})
     settings = TrainSettings(mode=mode, epochs=epochs, seed=seed, device=device, **options)
     participants = [s.participant for s in samples]
@@ -234,7 +239,7 @@ def train_mode(
         oof_fold[val] = k
         x = data.images[val] * (data.masks[val, :1] if mode == "masked" else 1)
         with torch.inference_mode():
-            relevance, _ = zplus_heatmap(result.model, x)
+            relevance, _ = zplus_map(result.model, x)
         relevance = relevance[:, 0].numpy()
         inside = (relevance * data.masks[val, 0].numpy()).sum(axis=(1, 2, 3)) / np.maximum(relevance.sum(axis=(1, 2, 3)), 1e-12)
         oof_inside[val] = inside
@@ -339,7 +344,7 @@ def train_mode(
 def run_group_training(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
     epochs: int, seed: int, device: str, template: str, resolution: int, work_dir,
-    training_options: dict | None = None, guidance_mask: str | None = None,
+    training_options: dict | None = None, guidance_mask: str | None = None, architecture: str = "grazplus",
 ) -> dict:
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     targets = read_targets(bids_dir, target_column)
@@ -367,7 +372,7 @@ def run_group_training(
             mode, data, samples, classes, affine, out_dir=output_dir / "group" / f"mode-{mode}",
             work_dir=cohort_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
-            training_options=training_options or {}, guidance_mask=guidance_mask,
+            training_options=training_options or {}, guidance_mask=guidance_mask, architecture=architecture,
         )
     if _is_main_process():
         _write_modes_summary(output_dir / "group", summaries)

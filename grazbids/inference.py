@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .engine import IntensityNormalisation, ModelBundleError, load_bundle, resolve_device, zplus_heatmap
+from .engine.model import GrazPlusNet
 
 
 @dataclass
@@ -41,6 +42,18 @@ def load_input(image_path: str | Path, mask_path: str | Path, card: dict) -> tup
     return data, mask_data, image.affine
 
 
+def zplus_map(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z+ map from the softmax vector and the logits: the engine's fused version for the
+    Graz+ network, the general LRP of grazbids.explain (batch norm folded) for others."""
+    if isinstance(model, GrazPlusNet):
+        return zplus_heatmap(model, x, "softmax")
+    from .explain import explain
+
+    with torch.no_grad():
+        logits = model(x)
+    return explain(model, x, "zplus", target="softmax"), logits
+
+
 def predict(model_dir: str | Path, image_path: str | Path, mask_path: str | Path, device: str = "auto", model=None) -> Prediction:
     """Probabilities and the Graz+ z+ map (started from the softmax vector) of one image."""
     dev = resolve_device(device)
@@ -53,6 +66,6 @@ def predict(model_dir: str | Path, image_path: str | Path, mask_path: str | Path
     if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
         x = x * torch.from_numpy(mask)[None, None].to(dev)
     with torch.inference_mode():
-        relevance, logits = zplus_heatmap(model, x, "softmax")
+        relevance, logits = zplus_map(model, x)
     probs = torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float64)
     return Prediction(list(card["classes"]), probs, relevance[0, 0].cpu().numpy(), affine)

@@ -146,7 +146,8 @@ def fake_group_builder(calls: list | None = None):
     """Stand-in for grazbids.workflows.group.init_group_wf (same signature)."""
 
     def init_group_wf(*, bids_dir, output_dir, participants, target_column, modes, cv_folds, epochs,
-                      seed, device, template, resolution, checkpoint_dir=None, training_options=None, guidance_mask=None, name="group_wf"):
+                      seed, device, template, resolution, checkpoint_dir=None, training_options=None, guidance_mask=None, architecture="grazplus",
+                      name="group_wf"):
         from nipype.interfaces import utility as niu
         from nipype.pipeline import engine as pe
 

@@ -73,6 +73,7 @@ def test_unknown_analysis_level_exits_17(tmp_path, capsys):
     ["group", "--target-column", "dx", "--learning-rate", "0"],
     ["group", "--target-column", "dx", "--batch-size", "0"],
     ["participant", "--explain", "gradcam"],  # --explain needs --model
+    ["group", "--target-column", "dx", "--architecture", "kondrateva"],  # default mode grazplus
     ["participant", "--explain", "shap", "--model", "m"],
     ["participant", "--no-such-option"],
 ])

@@ -134,3 +134,17 @@ def test_guidance_mask_from_the_input_derivatives(tmp_path):
         _run(bids, out, participants, tmp_path, epochs=1, guidance_mask="desc-lesion")
     with pytest.raises(GroupInputError, match="use desc-<label>"):
         _run(bids, out, participants, tmp_path, epochs=1, guidance_mask="lesion")
+
+
+def test_kondrateva_architecture_trains_and_predicts(tmp_path):
+    bids, out, participants = _cohort(tmp_path, n=6)
+    summary = _run(bids, out, participants, tmp_path, epochs=1, modes=["plain"], architecture="kondrateva")
+    assert 0 <= summary["plain"]["balanced_accuracy_mean"] <= 1
+    mode_dir = out / "group" / "mode-plain"
+    model, card = load_bundle(mode_dir / "model")
+    assert type(model).__name__ == "KondratevaNet"
+    metrics = pd.read_csv(mode_dir / "explanation_metrics.tsv", sep="\t")
+    assert metrics["relevance_inside_brain"].between(0, 1).all()  # z+ through grazbids.explain
+    image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
+    result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
+    assert np.isclose(result.probabilities.sum(), 1) and np.isfinite(result.heatmap).all()

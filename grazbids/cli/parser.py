@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 4; effective batch = batch size x this)")
     dl.add_argument("--relevance-weight", type=_positive_float, default=None, metavar="W",
                     help="group level: weight of the Graz+ relevance term (default: 1.0)")
+    dl.add_argument("--architecture", choices=("grazplus", "kondrateva"), default="grazplus",
+                    help="group level: network to train: the Graz+ CNN (default) or the Kondrateva et al. "
+                         "CNN with batch norm (modes plain and masked only: the Graz+ relevance loss needs "
+                         "the Graz+ network's non-positive biases)")
     dl.add_argument("--guidance-mask", default=None, metavar="ENTITY",
                     help="group level, mode grazplus: guide relevance into this mask instead of the brain "
                          "mask, one per participant in template space, e.g. desc-lesion "
@@ -226,6 +230,9 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
     if ns.analysis_level == "group" and not ns.target_column:
         raise GrazbidsError(ExitCode.USAGE,
                             "the group level needs --target-column (a column of participants.tsv)")
+    if ns.architecture != "grazplus" and "grazplus" in ns.modes and ns.analysis_level == "group":
+        raise GrazbidsError(ExitCode.USAGE, f"--architecture {ns.architecture} cannot be trained in mode grazplus "
+                            "(its relevance loss needs the Graz+ network); use --mode plain and/or masked")
     if ns.explain and ns.analysis_level == "participant" and ns.model_dir is None:
         raise GrazbidsError(ExitCode.USAGE, "--explain needs --model (a trained model bundle to explain)")
     template = ns.template
@@ -274,6 +281,7 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         epochs=ns.epochs,
         training_options={key: getattr(ns, key) for key in TRAINING_OPTIONS if getattr(ns, key) is not None},
         guidance_mask=ns.guidance_mask,
+        architecture=ns.architecture,
         random_seed=ns.random_seed,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,

@@ -256,7 +256,9 @@ class Trainer:
             # PyTorch's own data parallelism (launch with torchrun): gradients are averaged
             # across processes; every process keeps identical weights.
             runner = torch.nn.parallel.DistributedDataParallel(runner)
-        fingerprint = s.fingerprint(train_index)
+        # the architecture too (a checkpoint of another network must not be resumed);
+        # the Graz+ network keeps the fingerprints of checkpoints written before this
+        fingerprint = s.fingerprint(train_index) + ("" if self.arch.name == "grazplus" else f"-{self.arch.name}")
 
         header = self._load_checkpoint(model, optimiser, fingerprint)
         history = header["history"] if header else []

@@ -86,6 +86,7 @@ class _GroupTrainingInputSpec(BaseInterfaceInputSpec):
     template = traits.Str(mandatory=True)
     resolution = traits.Int(mandatory=True)
     ready = InputMultiObject(traits.Any, desc="barrier: participant preprocessing outputs")
+    architecture = traits.Enum("grazplus", "kondrateva", usedefault=True, desc="network to train")
     guidance_mask = traits.Str(desc="relevance-term mask, e.g. desc-lesion (default: the brain mask)")
     checkpoint_dir = traits.Str(nohash=True, desc="persistent folder for training checkpoints "
                                 "(default: the node's folder, which Nipype empties on a rerun)")
@@ -110,7 +111,8 @@ class GroupTraining(BaseInterface):
             bids_dir=inputs.bids_dir, output_dir=inputs.output_dir, participants=list(inputs.participants),
             target_column=inputs.target_column, modes=list(inputs.modes), cv_folds=inputs.cv_folds,
             epochs=inputs.epochs, training_options=dict(inputs.training_options), seed=inputs.seed,
-            guidance_mask=inputs.guidance_mask if isdefined(inputs.guidance_mask) else None, device=inputs.device, template=inputs.template,
+            guidance_mask=inputs.guidance_mask if isdefined(inputs.guidance_mask) else None,
+            architecture=inputs.architecture, device=inputs.device, template=inputs.template,
             resolution=inputs.resolution,
             work_dir=Path(inputs.checkpoint_dir) if isdefined(inputs.checkpoint_dir) else Path(runtime.cwd) / "training",
         )

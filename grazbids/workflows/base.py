@@ -111,6 +111,7 @@ def _add_group_wf(workflow, config: RunConfig, participant_wfs, niu, pe) -> None
         epochs=config.epochs,
         training_options=dict(config.training_options),
         **({"guidance_mask": config.guidance_mask} if config.guidance_mask else {}),
+        **({"architecture": config.architecture} if config.architecture != "grazplus" else {}),
         seed=config.random_seed,
         device=config.device,
         template=config.template,

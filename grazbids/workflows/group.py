@@ -11,7 +11,7 @@ from ..interfaces.reports import GroupReport
 def init_group_wf(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
     epochs: int, seed: int, device: str, template: str, resolution: int, checkpoint_dir: str | None = None,
-    training_options: dict | None = None, guidance_mask: str | None = None,
+    training_options: dict | None = None, guidance_mask: str | None = None, architecture: str = "grazplus",
     name: str = "group_wf",
 ) -> pe.Workflow:
     """``inputnode.ready`` is a barrier: connect the participant outputs so training waits.
@@ -28,6 +28,7 @@ def init_group_wf(
             target_column=target_column, modes=list(modes), cv_folds=cv_folds, epochs=epochs, seed=seed,
             training_options=dict(training_options or {}),
             **({"guidance_mask": guidance_mask} if guidance_mask else {}),
+            architecture=architecture,
             device=device, template=template, resolution=resolution,
             **({"checkpoint_dir": checkpoint_dir} if checkpoint_dir else {}),
         ),
