@@ -40,8 +40,13 @@ def fraction_per_tissue(heatmap: np.ndarray, tissues: dict[str, np.ndarray], bra
 
 
 def pointing_game(heatmap: np.ndarray, target_mask: np.ndarray) -> bool:
-    """Whether the voxel of maximal relevance lies inside the target (ties: any of them)."""
+    """Whether the voxel of maximal relevance lies inside the target (ties: any of them).
+
+    A map without positive relevance (e.g. of a network whose units all died) points
+    nowhere: False, not "every voxel is the maximum"."""
     heatmap = np.asarray(heatmap)
+    if not np.any(heatmap > 0):
+        return False
     peak = heatmap == heatmap.max()
     return bool(np.any(peak & (np.asarray(target_mask) > 0.5)))
 

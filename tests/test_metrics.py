@@ -24,6 +24,7 @@ def test_fraction_inside_and_pointing_game():
     assert metrics.pointing_game(heat, target)
     assert not metrics.pointing_game(heat, 1 - target)
     assert np.isnan(metrics.fraction_inside(np.zeros((2, 2)), np.ones((2, 2))))
+    assert not metrics.pointing_game(np.zeros((2, 2)), np.ones((2, 2)))  # a dead network's empty map
 
 
 def test_fraction_per_tissue_adds_up():
