@@ -1,0 +1,182 @@
+"""The Graz+ claim on a cohort with a known effect and a shortcut, end to end through the CLI.
+
+1. `grazbids-simulate`: a training split where a marker outside the brain goes with the
+   diagnosis (`--shortcut-correlation`, default 0.9) and a test split where it does not
+   (`--test-correlation`, default 0.5); every patient has the real effect.
+2. `grazbids ... participant` on everyone (registration to the template, masks).
+3. `grazbids ... group --participant-label <training split>` trains `plain`, `masked` and
+   `grazplus` with the same seed and folds.
+4. `grazbids ... participant --model <bundle of each mode>` on the test split.
+5. From the written derivatives: balanced accuracy on the test split (and on its
+   "conflict" participants, whose marker contradicts their diagnosis), the fraction of
+   positive relevance inside the brain, inside the true effect (patients) and inside the
+   marker (participants with one), and the pointing-game rate on the effect.
+
+It prints a markdown table and writes `<work>/shortcut_benchmark.json`.
+
+    python benchmarks/shortcut_benchmark.py --work /tmp/shortcut             # defaults
+    python benchmarks/shortcut_benchmark.py --work /tmp/sc --n-train 24 --epochs 5 --cv-folds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from grazbids.engine import balanced_accuracy  # noqa: E402
+from grazbids.metrics import fraction_inside, pointing_game  # noqa: E402
+
+MODES = ("plain", "masked", "grazplus")
+TEMPLATE, RESOLUTION = "MNI152NLin2009aSym", 2
+
+
+def run(step: str, command: list[str], timings: dict) -> None:
+    """Run one CLI step, stream its output, stop the benchmark if it fails."""
+    print(f"\n=== {step}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO)
+    timings[step] = round(time.perf_counter() - start, 1)
+    if proc.returncode != 0:
+        sys.exit(f"{step} failed with exit code {proc.returncode}")
+
+
+def _bin(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else the one on PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+def _template_file(root: Path, participant: str, desc: str, suffix: str) -> Path:
+    name = f"{participant}_space-{TEMPLATE}_res-{RESOLUTION}_desc-{desc}_{suffix}.nii.gz"
+    hits = sorted(root.glob(f"{participant}/**/{name}"))
+    if not hits:
+        raise FileNotFoundError(f"{root}: no {name}")
+    return hits[0]
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asanyarray(nb.load(str(path)).dataobj, dtype=np.float64)
+
+
+def evaluate_mode(mode: str, bids: Path, preproc: Path, test_out: Path, test: pd.DataFrame) -> dict:
+    """Test-split accuracy and where the test heat maps put relevance, from the derivatives."""
+    truth = bids / "derivatives" / "simulation"
+    classes = sorted(test["diagnosis"].unique())
+    y_true, y_pred, rows = [], [], []
+    for p in test.itertuples():
+        pid = p.participant_id
+        predictions = pd.read_csv(next((test_out / pid).glob(f"**/{pid}*_predictions.tsv")), sep="\t")
+        predicted = str(predictions["predicted_label"].iloc[0])
+        y_true.append(classes.index(p.diagnosis))
+        y_pred.append(classes.index(predicted))
+        heat = _load(_template_file(test_out, pid, "zplus", "heatmap"))
+        brain = _load(_template_file(preproc, pid, "brain", "mask")) > 0.5
+        effect = _load(_template_file(truth, pid, "effect", "mask")) > 0.5
+        shortcut = _load(_template_file(truth, pid, "shortcut", "mask")) > 0.5
+        rows.append({
+            "conflict": (p.diagnosis == "patient") != bool(p.shortcut),
+            "inside_brain": fraction_inside(heat, brain),
+            "inside_effect": fraction_inside(heat, effect) if effect.any() else np.nan,
+            "pointing_effect": float(pointing_game(heat, effect)) if effect.any() else np.nan,
+            "inside_shortcut": fraction_inside(heat, shortcut) if shortcut.any() else np.nan,
+        })
+    frame = pd.DataFrame(rows)
+    y_true, y_pred = np.array(y_true), np.array(y_pred)
+    conflict = frame["conflict"].to_numpy()
+    return {
+        "test_balanced_accuracy": balanced_accuracy(y_true, y_pred, len(classes)),
+        "conflict_accuracy": float(np.mean(y_true[conflict] == y_pred[conflict])) if conflict.any() else np.nan,
+        "n_conflict": int(conflict.sum()),
+        **{f"{c}_mean": float(np.nanmean(frame[c])) for c in
+           ("inside_brain", "inside_effect", "pointing_effect", "inside_shortcut")},
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the dataset, derivatives, work dirs")
+    parser.add_argument("--n-train", type=int, default=40)
+    parser.add_argument("--n-test", type=int, default=20)
+    parser.add_argument("--effect", default="lesion", help="grazbids-simulate --effect")
+    parser.add_argument("--shortcut", default="marker", help="grazbids-simulate --shortcut")
+    parser.add_argument("--shortcut-correlation", type=float, default=0.9)
+    parser.add_argument("--test-correlation", type=float, default=0.5)
+    parser.add_argument("--simulate-args", default="", help="extra grazbids-simulate options, one string")
+    parser.add_argument("--cv-folds", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--accumulation-steps", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="only re-read the outputs of an earlier run in --work")
+    args = parser.parse_args(argv)
+
+    work = args.work.resolve()
+    bids, preproc, nipype_work = work / "bids", work / "derivatives", work / "nipype"
+    grazbids, simulate = _bin("grazbids"), _bin("grazbids-simulate")
+    common = ["--skip-bids-validation", "-w", str(nipype_work), "--nprocs", str(args.nprocs),
+              "--random-seed", str(args.seed)]
+    timings: dict[str, float] = {}
+    execute = (lambda step, command, timings: None) if args.evaluate_only else run  # noqa: E731
+    if not (bids / "participants.tsv").exists():
+        execute("simulate", [simulate, str(bids), "--n-train", str(args.n_train), "--n-test", str(args.n_test),
+                         "--effect", args.effect, "--shortcut", args.shortcut,
+                         "--shortcut-correlation", str(args.shortcut_correlation),
+                         "--test-correlation", str(args.test_correlation), "--seed", str(args.seed),
+                         *args.simulate_args.split()], timings)
+    participants = pd.read_csv(bids / "participants.tsv", sep="\t")
+    train = participants[participants["split"] == "train"]
+    test = participants[participants["split"] == "test"]
+    labels = lambda frame: [p.removeprefix("sub-") for p in frame["participant_id"]]  # noqa: E731
+
+    execute("participant (all)", [grazbids, str(bids), str(preproc), "participant", *common], timings)
+    execute("group (training split)", [grazbids, str(bids), str(preproc), "group", *common,
+                                   "--participant-label", *labels(train), "--target-column", "diagnosis",
+                                   "--mode", *args.modes, "--cv-folds", str(args.cv_folds),
+                                   "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+                                   "--accumulation-steps", str(args.accumulation_steps)], timings)
+    results = {}
+    modes = pd.read_csv(preproc / "group" / "modes_summary.tsv", sep="\t").set_index("mode")
+    for mode in args.modes:
+        test_out = work / f"test-{mode}"
+        execute(f"inference {mode} (test split)", [
+            grazbids, str(bids), str(test_out), "participant", *common, "--participant-label", *labels(test),
+            "--model", str(preproc / "group" / f"mode-{mode}" / "model")], timings)
+        results[mode] = {
+            "cv_balanced_accuracy_mean": float(modes.loc[mode, "balanced_accuracy_mean"]),
+            "cv_balanced_accuracy_sd": float(modes.loc[mode, "balanced_accuracy_sd"]),
+            **evaluate_mode(mode, bids, preproc, test_out, test),
+        }
+
+    print("\n| mode | CV BA (train split, shortcut "
+          f"{args.shortcut_correlation:g}) | test BA (shortcut {args.test_correlation:g}) | "
+          "test acc. on conflict cases | relevance in brain | in true effect | pointing game | in marker |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        print(f"| {mode} | {r['cv_balanced_accuracy_mean']:.2f} ± {r['cv_balanced_accuracy_sd']:.2f} "
+              f"| {r['test_balanced_accuracy']:.2f} | {r['conflict_accuracy']:.2f} (n={r['n_conflict']}) "
+              f"| {r['inside_brain_mean']:.3f} | {r['inside_effect_mean']:.3f} | {r['pointing_effect_mean']:.2f} "
+              f"| {r['inside_shortcut_mean']:.4f} |")
+    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
+              "cpus": os.cpu_count(), "timings_s": timings, "results": results,
+              "n_train": len(train), "n_test": len(test)}
+    (work / "shortcut_benchmark.json").write_text(json.dumps(report, indent=2))
+    print(f"\ntimings (s): {timings}")
+
+
+if __name__ == "__main__":
+    main()
