@@ -24,6 +24,14 @@ class Prediction:
         return self.classes[int(np.argmax(self.probabilities))]
 
 
+def model_input(data: np.ndarray, mask: np.ndarray, card: dict, device) -> torch.Tensor:
+    """(1, 1, D, H, W) tensor as the model saw it in training (masked mode: image * mask)."""
+    x = torch.from_numpy(data)[None, None].to(device)
+    if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
+        x = x * torch.from_numpy(mask)[None, None].to(device)
+    return x
+
+
 def load_input(image_path: str | Path, mask_path: str | Path, card: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised image and mask as float32 arrays on the model's grid (checked)."""
     image = nb.load(str(image_path))
@@ -62,9 +70,7 @@ def predict(model_dir: str | Path, image_path: str | Path, mask_path: str | Path
     else:
         model, card = model
     data, mask, affine = load_input(image_path, mask_path, card)
-    x = torch.from_numpy(data)[None, None].to(dev)
-    if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
-        x = x * torch.from_numpy(mask)[None, None].to(dev)
+    x = model_input(data, mask, card, dev)
     with torch.inference_mode():
         relevance, logits = zplus_map(model, x)
     probs = torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float64)

@@ -34,10 +34,7 @@ class KondratevaNet(nn.Module):
 
     def __init__(self, arch: Architecture):
         super().__init__()
-        if len(arch.input_shape) != 3 or min(arch.input_shape) < 1:
-            raise ValueError(f"input_shape must be three positive sizes, got {arch.input_shape}")
-        if arch.n_classes < 2:
-            raise ValueError("n_classes must be >= 2")
+        arch.check()
         if min(arch.input_shape) < 2 ** arch.n_blocks:
             raise ValueError(
                 f"input_shape {tuple(arch.input_shape)} is too small for {arch.n_blocks} max-pooling "

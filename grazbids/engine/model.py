@@ -27,6 +27,13 @@ class Architecture:
     dense_units: int = 16
     name: str = "grazplus"
 
+    def check(self) -> None:
+        """Raise ValueError for shapes no network can be built for."""
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be three positive sizes, got {self.input_shape}")
+        if self.n_classes < 2:
+            raise ValueError("n_classes must be >= 2")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
@@ -49,10 +56,7 @@ class GrazPlusNet(nn.Module):
 
     def __init__(self, arch: Architecture):
         super().__init__()
-        if len(arch.input_shape) != 3 or min(arch.input_shape) < 1:
-            raise ValueError(f"input_shape must be three positive sizes, got {arch.input_shape}")
-        if arch.n_classes < 2:
-            raise ValueError("n_classes must be >= 2")
+        arch.check()
         self.arch = arch
         convs = []
         in_ch, shape = arch.in_channels, list(arch.input_shape)

@@ -51,16 +51,14 @@ class ExplainMap(BaseInterface):
         from ..engine import load_bundle
         from ..engine.device import resolve_device
         from ..explain import describe, explain
-        from ..inference import load_input
+        from ..inference import load_input, model_input
 
         inputs = self.inputs
         device = resolve_device(inputs.device)
         model, card = load_bundle(inputs.model_dir, device=device)
         target = resolve_target(inputs.target, list(card["classes"]))
         data, mask, affine = load_input(inputs.t1w_template, inputs.brain_mask_template, card)
-        x = torch.from_numpy(data)[None, None].to(device)
-        if card["mode"] == "masked":  # the masked-input CNN only ever saw image * mask
-            x = x * torch.from_numpy(mask)[None, None].to(device)
+        x = model_input(data, mask, card, device)
         with torch.no_grad():
             predicted = int(model(x).argmax(1))
         heatmap = explain(model, x, inputs.method, target=target)[0, 0].cpu().numpy()
