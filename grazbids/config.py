@@ -64,6 +64,8 @@ class RunConfig:
     training_options: dict = field(default_factory=dict)
     architecture: str = "grazplus"  # or "kondrateva" (Kondrateva et al.; plain/masked modes only)
     guidance_mask: str | None = None  # e.g. "desc-lesion": relevance-term mask instead of the brain
+    atlas: Path | None = None  # group level: label image in the template space (relevance per region)
+    feature_visualisation: int = 0  # group level: gradient-ascent steps per class (0: no feature visualisation)
     random_seed: int = DEFAULT_SEED
     # execution
     nprocs: int = 1

@@ -26,8 +26,12 @@ from .engine import (
 )
 from .engine.architectures import kondrateva_architecture
 from .engine.trainer import distributed_rank_and_size
+from .atlas import Atlas, AtlasError, load_atlas
+from .explain import explain as explain_map
+from .explain.targets import method_desc, resolve_target
 from .inference import zplus_map
-from .explanation_table import COLUMN_DESCRIPTIONS, participant_row, reference_masks, summarise, tissue_maps
+from .explanation_table import reference_masks, tissue_maps
+from .oof_maps import OutOfFoldMaps
 from .utils.atomic import atomic_path, write_json, write_text
 
 LOG = logging.getLogger("grazbids.group")
@@ -184,31 +188,12 @@ def _save_nifti(path: Path, data: np.ndarray, affine) -> None:
         nb.save(nb.Nifti1Image(data.astype(np.float32), affine), str(tmp))
 
 
-def _write_explanation_metrics(out_dir: Path, samples: list[Sample], rows: list[dict], predicted: list[str],
-                               mode: str) -> None:
-    """Per-participant table of where the out-of-fold heat maps put relevance, and its summary."""
-    columns = [c for c in COLUMN_DESCRIPTIONS if any(c in r for r in rows)]
-    table = pd.DataFrame({
-        "participant_id": [f"sub-{s.participant}" for s in samples],
-        "session_id": [f"ses-{s.session}" if s.session else "n/a" for s in samples],
-        "true_label": [s.label for s in samples], "predicted_label": predicted,
-        **{c: [r.get(c, np.nan) for r in rows] for c in columns},
-    })
-    _tsv(out_dir / "explanation_metrics.tsv", table)
-    write_json(out_dir / "explanation_metrics.json", {
-        "true_label": {"Description": "target value in participants.tsv"},
-        "predicted_label": {"Description": "class with the highest out-of-fold probability"},
-        **{c: {"Description": COLUMN_DESCRIPTIONS[c] + " (z+ heat map of the out-of-fold model, template space)"}
-           for c in columns},
-    })
-    write_json(out_dir / "explanation_summary.json", {"mode": mode, **summarise(rows, [s.label for s in samples])})
-
-
 def train_mode(
     mode: str, data: TrainingData, samples: list[Sample], classes: list[str], affine, *, out_dir: Path, work_dir: Path,
     cv_folds: int, epochs: int, seed: int, device: str, template: str, resolution: int, target_column: str,
     dataset_name: str, training_options: dict | None = None, guidance_mask: str | None = None,
-    architecture: str = "grazplus",
+    architecture: str = "grazplus", explain: tuple[str, ...] = (), explain_target: str = "predicted",
+    atlas: Atlas | None = None,
 ) -> dict:
     shape = tuple(data.images.shape[2:])
     arch = (kondrateva_architecture(shape, len(classes)) if architecture == "kondrateva"
@@ -227,9 +212,10 @@ def train_mode(
     oof_probs = np.full((len(samples), len(classes)), np.nan)
     oof_fold = np.zeros(len(samples), dtype=int)
     oof_inside = np.full(len(samples), np.nan)
-    explanation_rows: list[dict] = [{} for _ in samples]
-    heat_sum = np.zeros((len(classes), *arch.input_shape))
-    heat_n = np.zeros(len(classes))
+    # z+ (the engine's own map) and the requested grazbids.explain methods, out of fold
+    maps = {method: OutOfFoldMaps(method, samples, classes, arch.input_shape, atlas)
+            for method in ("zplus", *explain)}
+    target = resolve_target(explain_target, classes)
     fold_rows = []
     for k, (train, val) in enumerate(folds, start=1):
         LOG.info("mode %s: fold %d/%d (%d train, %d validation participants)", mode, k, cv_folds,
@@ -244,11 +230,12 @@ def train_mode(
         inside = (relevance * data.masks[val, 0].numpy()).sum(axis=(1, 2, 3)) / np.maximum(relevance.sum(axis=(1, 2, 3)), 1e-12)
         oof_inside[val] = inside
         for i, r in zip(val, relevance):
-            s = samples[i]
-            explanation_rows[i] = participant_row(r, data.masks[i, 0].numpy(), s.tissues, s.references)
-        for i, r in zip(val, relevance):
-            heat_sum[int(data.labels[i])] += r
-            heat_n[int(data.labels[i])] += 1
+            maps["zplus"].add(i, r, data.masks[i, 0].numpy())
+        for method in explain:
+            LOG.info("mode %s: fold %d/%d: out-of-fold %s maps", mode, k, cv_folds, method)
+            for j, i in enumerate(val):
+                heatmap = explain_map(result.model, x[j:j + 1], method, target=target)[0, 0].numpy()
+                maps[method].add(i, heatmap, data.masks[i, 0].numpy())
         y_val = data.labels[val].numpy()
         fold_rows.append({
             "fold": k, "n_train": len(train), "n_validation": len(val), "selected_epoch": result.selected_epoch,
@@ -257,6 +244,8 @@ def train_mode(
             "relevance_inside_mask": float(np.mean(inside)),
             # the selected epoch was chosen on this same fold (optimistic); the last epoch was not
             "last_epoch_balanced_accuracy": float(result.history[-1]["val_balanced_accuracy"]),
+            # training stopped here: the output no longer depended on the input (dead ReLUs)
+            "collapsed_epoch": result.collapsed_epoch,
         })
         if _is_main_process():
             write_text(out_dir / "history" / f"fold-{k}_history.tsv", (work_dir / f"fold-{k}" / "history.tsv").read_text())
@@ -281,6 +270,7 @@ def train_mode(
     LOG.info("mode %s: final model on all %d samples for %d epochs (median selected epoch)", mode, len(samples), final_epochs)
     final_settings = TrainSettings(mode=mode, epochs=final_epochs, seed=seed, device=device, **options)
     final = Trainer(arch, final_settings, work_dir / "final", name=f"{mode} final").fit(data, np.arange(len(samples)))
+    cv_summary["final_model_collapsed_epoch"] = final.collapsed_epoch
     if not _is_main_process():
         return cv_summary
 
@@ -303,11 +293,14 @@ def train_mode(
         **{f"probability_{_safe(c)}": {"Description": f"out-of-fold probability of class {c!r}"} for c in classes},
         "relevance_inside_mask": {"Description": "fraction of z+ relevance inside the brain mask (out-of-fold model)"},
     })
-    _write_explanation_metrics(out_dir, samples, explanation_rows, oof["predicted_label"].tolist(), mode)
-    for j, c in enumerate(classes):
-        if heat_n[j]:
-            _save_nifti(out_dir / f"tpl-{template}_res-{resolution}_class-{_safe(c)}_desc-meanzplus_heatmap.nii.gz",
-                        heat_sum[j] / heat_n[j], affine)
+    for method, collected in maps.items():
+        # z+ keeps its historical place in the mode folder; other methods get a subfolder
+        method_dir = out_dir if method == "zplus" else out_dir / f"explain-{method_desc(method)}"
+        collected.write_metrics(method_dir, oof["predicted_label"].tolist(), mode)
+        collected.write_regions(method_dir)
+        for c, mean in collected.class_means().items():
+            _save_nifti(method_dir / f"tpl-{template}_res-{resolution}_class-{_safe(c)}_desc-mean{method_desc(method)}"
+                                     "_heatmap.nii.gz", mean, affine)
 
     write_text(out_dir / "history" / "final_history.tsv", (work_dir / "final" / "history.tsv").read_text())
     counts = {c: int((y_all == j).sum()) for j, c in enumerate(classes)}
@@ -327,6 +320,7 @@ def train_mode(
             "batch_size": final_settings.batch_size, "accumulation_steps": final_settings.accumulation_steps,
             "relevance_weight": final_settings.relevance_weight, "class_weights": "inverse frequency",
             "guidance_loss": final_settings.guidance_loss, "guidance_power": final_settings.guidance_power,
+            "collapsed_epoch": final.collapsed_epoch,  # not None: a dead network (constant output)
             "epoch_rule": "median over CV folds of the epoch with the best validation balanced accuracy "
                           "(ties: higher relevance inside the mask, then later epoch)",
         },
@@ -345,7 +339,10 @@ def run_group_training(
     *, bids_dir, output_dir, participants: list[str], target_column: str, modes: list[str], cv_folds: int,
     epochs: int, seed: int, device: str, template: str, resolution: int, work_dir,
     training_options: dict | None = None, guidance_mask: str | None = None, architecture: str = "grazplus",
+    explain: tuple[str, ...] = (), explain_target: str = "predicted", atlas: str | Path | None = None,
 ) -> dict:
+    """``explain``: grazbids.explain methods whose out-of-fold maps are summarised beside the
+    z+ ones; ``atlas``: a label image in the template space for per-region summaries."""
     output_dir, work_dir = Path(output_dir), Path(work_dir)
     targets = read_targets(bids_dir, target_column)
     samples = find_samples(output_dir, participants, targets, template, resolution, target_column, bids_dir)
@@ -357,6 +354,11 @@ def run_group_training(
     guidance = find_guidance_masks(samples, guidance_mask, bids_dir=bids_dir, output_dir=output_dir,
                                    template=template, resolution=resolution) if guidance_mask else None
     data, classes, affine = load_cohort(samples, guidance)
+    try:  # checked before hours of training, not after
+        resolve_target(explain_target, classes)
+        regions = load_atlas(atlas, nb.load(str(samples[0].image))) if atlas else None
+    except (ValueError, AtlasError) as err:
+        raise GroupInputError(str(err)) from None
     counts = {c: int((data.labels.numpy() == j).sum()) for j, c in enumerate(classes)}
     LOG.info("group level: %d samples from %d participants, %s = %s", len(samples),
              len({s.participant for s in samples}), target_column, counts)
@@ -373,6 +375,7 @@ def run_group_training(
             work_dir=cohort_dir / f"mode-{mode}", cv_folds=cv_folds, epochs=epochs, seed=seed, device=device,
             template=template, resolution=resolution, target_column=target_column, dataset_name=dataset_name,
             training_options=training_options or {}, guidance_mask=guidance_mask, architecture=architecture,
+            explain=tuple(explain), explain_target=explain_target, atlas=regions,
         )
     if _is_main_process():
         _write_modes_summary(output_dir / "group", summaries)

@@ -147,7 +147,7 @@ def fake_group_builder(calls: list | None = None):
 
     def init_group_wf(*, bids_dir, output_dir, participants, target_column, modes, cv_folds, epochs,
                       seed, device, template, resolution, checkpoint_dir=None, training_options=None, guidance_mask=None, architecture="grazplus",
-                      name="group_wf"):
+                      explain=(), explain_target="predicted", atlas=None, feature_visualisation=0, name="group_wf"):
         from nipype.interfaces import utility as niu
         from nipype.pipeline import engine as pe
 

@@ -220,6 +220,18 @@ def test_single_class_target(dataset, tmp_path, capsys):
     assert_nothing_written(out, work)
 
 
+def test_missing_or_unusable_atlas(dataset, tmp_path, capsys):
+    code, out, work = run(tmp_path, dataset, "group", "--target-column", "dx", "--atlas",
+                          str(tmp_path / "nowhere_dseg.nii.gz"), *FAST)
+    assert code == ExitCode.MISSING_INPUT and "nowhere_dseg.nii.gz: no such file" in capsys.readouterr().err
+    assert_nothing_written(out, work)
+    probabilities = save_nifti(tmp_path / "prob.nii.gz", np.full((4, 4, 4), 0.3, np.float32))
+    code, out, work = run(tmp_path, dataset, "group", "--target-column", "dx", "--atlas", str(probabilities), *FAST)
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_DATA and "prob.nii.gz" in err and "not a label image" in err
+    assert_nothing_written(out, work)
+
+
 def test_missing_participants_tsv(dataset, tmp_path, capsys):
     (dataset / "participants.tsv").unlink()
     code, out, work = run(tmp_path, dataset, "group", "--target-column", "dx", *FAST)

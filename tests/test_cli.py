@@ -393,6 +393,34 @@ def test_real_group_workflow_connects_to_the_barrier(tmp_path, monkeypatch):
         assert networkx.has_path(graph, preprocess, barrier)
 
 
+def test_group_workflow_with_explanations_atlas_and_feature_visualisation(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import networkx
+
+    from cli_helpers import fake_participant_builder
+    from grazbids.workflows import base
+
+    monkeypatch.setattr(base, "load_participant_builder", fake_participant_builder)
+    for folder in ("bids", "out"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "atlas_dseg.nii.gz").write_bytes(b"checked by the preflight, not here")
+    config = parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--target-column", "dx",
+                         "--explain", "gradient", "gradcam", "--atlas", str(tmp_path / "atlas_dseg.nii.gz"),
+                         "--feature-visualisation", "50"])
+    assert config.feature_visualisation == 50 and config.atlas == tmp_path / "atlas_dseg.nii.gz"
+    config = replace(config, t1w_files={"01": (tmp_path / "a.nii.gz",)}, group_participants=("01",))
+    graph = base.init_grazbids_wf(config)._create_flat_graph()
+    node = {n.fullname.split(".", 1)[-1]: n for n in graph.nodes}
+    train, featurevis, report = node["group_wf.train"], node["group_wf.feature_visualisation"], node["group_wf.report"]
+    assert train.inputs.explain == ["gradient", "gradcam"] and train.inputs.atlas == str(tmp_path / "atlas_dseg.nii.gz")
+    assert featurevis.inputs.iterations == 50
+    assert networkx.has_path(graph, train, featurevis) and networkx.has_path(graph, featurevis, report)
+    default = parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--target-column", "dx",
+                          "--feature-visualisation"])
+    assert default.feature_visualisation == 200
+
+
 def test_explain_choices_match_the_library():
     from grazbids.config import EXPLAIN_METHODS
     from grazbids.explain import METHODS

@@ -1,6 +1,7 @@
 """Feature visualisation (activation maximisation): objectives, regularisers, known
 answers on a hand-built and on a briefly trained model, bundle outputs and errors."""
 import json
+from pathlib import Path
 
 import nibabel as nb
 import numpy as np
@@ -294,3 +295,23 @@ def test_bundle_errors(tmp_path):
     small, _ = _bundle(tmp_path, shape=(16, 16, 16))
     with pytest.raises(ValueError, match=r"grid \(16, 16, 16\) differs from template"):
         visualise_bundle(small, tmp_path / "out", "lesion")
+
+
+def test_group_feature_visualisation_node_and_report_section(tmp_path):
+    from grazbids.interfaces.featurevis import GroupFeatureVisualisation
+    from grazbids.reports import write_group_report
+    from report_helpers import write_group_outputs
+
+    out = tmp_path / "out"
+    write_group_outputs(out)
+    mode_dir = out / "group" / "mode-grazplus"
+    before = write_group_report(out).read_text().count("data:image/png;base64,")
+    bundle, _ = _bundle(mode_dir)
+    result = GroupFeatureVisualisation(model_dirs=[str(bundle)], iterations=2, device="cpu").run(cwd=str(tmp_path))
+    assert [Path(f).name for f in result.outputs.figures] == ["featurevis_class-control.png",
+                                                              "featurevis_class-lesion.png"]
+    meta = json.loads((mode_dir / "featurevis" / "featurevis_class-lesion.json").read_text())
+    assert meta["Regularisers"]["jitter"] == 2 and meta["Regularisers"]["blur_every"] == 4
+    text = write_group_report(out).read_text()
+    assert "<h3>Feature visualisation</h3>" in text and "class-lesion: 2 Adam steps" in text
+    assert text.count("data:image/png;base64,") == before + 2

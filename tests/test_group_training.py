@@ -70,6 +70,7 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     cv = json.loads((mode_dir / "cv_metrics.json").read_text())
     assert cv["classes"] == ["f", "m"]
     assert np.isclose(cv["last_epoch_balanced_accuracy_mean"], folds["last_epoch_balanced_accuracy"].mean())
+    assert folds["collapsed_epoch"].isna().all() and cv["final_model_collapsed_epoch"] is None  # alive
     for cls in ("f", "m"):
         heat = nb.load(str(mode_dir / f"tpl-{TPL}_res-{RES}_class-{cls}_desc-meanzplus_heatmap.nii.gz"))
         assert heat.shape == (16, 16, 16) and np.isclose(heat.get_fdata().sum(), 1, rtol=1e-3)
@@ -148,3 +149,47 @@ def test_kondrateva_architecture_trains_and_predicts(tmp_path):
     image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
     result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
     assert np.isclose(result.probabilities.sum(), 1) and np.isfinite(result.heatmap).all()
+
+
+def test_out_of_fold_explanations_and_atlas_regions(tmp_path):
+    bids, out, participants = _cohort(tmp_path, references=True)
+    labels = np.zeros((16, 16, 16), np.int16)
+    labels[4:8] = 1
+    labels[8:12] = 2
+    atlas = tmp_path / "atlas_dseg.nii.gz"
+    nb.save(nb.Nifti1Image(labels, np.eye(4)), str(atlas))
+    (tmp_path / "atlas_dseg.tsv").write_text("index\tname\n1\tleft\n2\tright\n")
+    _run(bids, out, participants, tmp_path, explain=("gradient", "gradcam"), atlas=atlas,
+         training_options={"learning_rate": 1e-3})
+    mode_dir = out / "group" / "mode-grazplus"
+    oof = pd.read_csv(mode_dir / "oof_predictions.tsv", sep="\t")
+    for folder, desc in ((mode_dir, "zplus"), (mode_dir / "explain-gradient", "gradient"),
+                         (mode_dir / "explain-gradcam", "gradcam")):
+        metrics = pd.read_csv(folder / "explanation_metrics.tsv", sep="\t")
+        assert metrics["participant_id"].tolist() == oof["participant_id"].tolist()
+        assert metrics["relevance_inside_brain"].between(0, 1).all()
+        summary = json.loads((folder / "explanation_summary.json").read_text())
+        assert summary["method"] == desc and summary["n_samples"] == 7
+        for cls in ("f", "m"):
+            assert nb.load(str(folder / f"tpl-{TPL}_res-{RES}_class-{cls}_desc-mean{desc}_heatmap.nii.gz")).shape == (16,) * 3
+        regions = pd.read_csv(folder / "regions.tsv", sep="\t")
+        shares = regions[["left", "right", "outside_atlas"]]
+        np.testing.assert_allclose(shares.sum(axis=1), 1, atol=1e-6)  # the regions partition the relevance
+        ranked = pd.read_csv(folder / "regions_summary.tsv", sep="\t")
+        assert set(ranked["region"]) == {"left", "right", "outside_atlas"}
+        assert ranked["mean_relevance_fraction"].is_monotonic_decreasing
+    # the gradient methods' maps differ from the z+ ones (not a copy)
+    zplus = nb.load(str(mode_dir / f"tpl-{TPL}_res-{RES}_class-m_desc-meanzplus_heatmap.nii.gz")).get_fdata()
+    gradient = nb.load(str(mode_dir / "explain-gradient" / f"tpl-{TPL}_res-{RES}_class-m_desc-meangradient_heatmap.nii.gz")).get_fdata()
+    assert not np.allclose(zplus, gradient)
+
+
+def test_group_explain_target_and_atlas_are_checked_before_training(tmp_path):
+    bids, out, participants = _cohort(tmp_path)
+    with pytest.raises(GroupInputError, match="--explain-target 'x'"):
+        _run(bids, out, participants, tmp_path, explain=("gradient",), explain_target="x")
+    atlas = tmp_path / "empty.nii.gz"
+    nb.save(nb.Nifti1Image(np.zeros((16, 16, 16), np.int16), np.eye(4)), str(atlas))
+    with pytest.raises(GroupInputError, match="no labelled region"):
+        _run(bids, out, participants, tmp_path, atlas=atlas)
+    assert not (out / "group").exists()

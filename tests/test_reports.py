@@ -1,6 +1,7 @@
 """HTML reports: participant and group reports render from synthetic outputs, are
 self-contained, and the Nipype interfaces/workflow nodes write them."""
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -51,6 +52,32 @@ def test_participant_report_without_model_has_no_prediction(tmp_path):
     assert "<h3>Prediction</h3>" not in text and "heat map" not in text
 
 
+def _add_explanation_map(anat, method="gradcam"):
+    import json
+
+    import nibabel as nb
+    import numpy as np
+
+    stem = anat / f"sub-01_space-{TPL}_res-2"
+    zplus = nb.load(f"{stem}_desc-zplus_heatmap.nii.gz")
+    signed = np.asanyarray(zplus.dataobj) - float(np.asanyarray(zplus.dataobj).mean())  # signed, like gradients
+    path = Path(f"{stem}_desc-{method.replace('_', '')}_heatmap.nii.gz")
+    nb.save(nb.Nifti1Image(signed.astype(np.float32), zplus.affine), str(path))
+    path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps({"MethodName": method}))
+    return path
+
+
+def test_participant_report_shows_the_explain_maps(tmp_path):
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    _add_explanation_map(anat, "gradient_x_input")
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert list(outputs.explanations) == ["gradientxinput"]
+    text = write_participant_report("01", [render_t1w_section(outputs, out)], out).read_text()
+    assert "<h3>Explanation: gradient_x_input</h3>" in text and "gradient_x_input map over" in text
+    assert text.count(PNG) == 4  # registration, input, z+ and the explanation
+
+
 def test_report_interfaces_write_the_participant_report(tmp_path):
     out = tmp_path / "out"
     anat = write_participant_outputs(out)
@@ -62,12 +89,14 @@ def test_report_interfaces_write_the_participant_report(tmp_path):
         probsegs_template=[f"{stem}_label-{t}_probseg.nii.gz" for t in ("GM", "WM", "CSF")],
         heatmap_template=f"{stem}_desc-zplus_heatmap.nii.gz",
         predictions=str(anat / "sub-01_desc-grazplus_predictions.tsv"),
+        derivatives=[str(_add_explanation_map(anat))],
     ), name="section", base_dir=str(tmp_path / "work"))
     fragment = section.run().outputs.out_fragment
     report = ParticipantReport(subject="01", output_dir=str(out), sections=[fragment, fragment]).run()
     text = (out / "sub-01.html").read_text()
     assert report.outputs.out_report == str(out / "sub-01.html")
-    assert text.count('<section id="sub-01_T1w">') == 2 and text.count(PNG) == 6
+    assert text.count('<section id="sub-01_T1w">') == 2 and text.count(PNG) == 8  # 4 per section
+    assert "<h3>Explanation: gradcam</h3>" in text
     assert "in GM" in text and "in WM" in text  # tissue labels parsed from probseg names
 
 
@@ -77,7 +106,7 @@ def test_group_report_shows_cv_table_curves_confusion_and_explanations(tmp_path)
     write_participant_outputs(out, subject="01", with_model=False)
     write_participant_report("01", [render_t1w_section(o, out) for o in discover_t1w_outputs(out, "01")], out)
     text = write_group_report(out).read_text()
-    for title in ("Overview", "Cross-validation metrics", "Mean relevance per class", "Learning curves",
+    for title in ("Overview", "Cross-validation metrics", "Mean z+ relevance per class", "Learning curves",
                   "Confusion matrix", "Explanation metrics", "Participants (out-of-fold)"):
         assert f"<h3>{title}</h3>" in text or f"<h2>{title}</h2>" in text
     assert text.count(PNG) == 5  # class maps, curves, confusion, tissue bars, metric strips
@@ -122,12 +151,21 @@ def test_command_line_renders_existing_outputs(tmp_path):
 def test_group_report_reads_what_group_training_writes(tmp_path):
     from test_group_training import _cohort, _run
 
+    import nibabel as nb
+    import numpy as np
+
     bids, out, participants = _cohort(tmp_path)
-    _run(bids, out, participants, tmp_path)
+    labels = np.zeros((16, 16, 16), np.int16)
+    labels[4:8], labels[8:12] = 1, 2
+    nb.save(nb.Nifti1Image(labels, np.eye(4)), str(tmp_path / "atlas_dseg.nii.gz"))
+    (tmp_path / "atlas_dseg.tsv").write_text("index\tname\n1\tleft_part\n2\tright_part\n")
+    _run(bids, out, participants, tmp_path, explain=("gradient",), atlas=tmp_path / "atlas_dseg.nii.gz")
     text = write_group_report(out).read_text()
     cv = pd.read_csv(out / "group" / "mode-grazplus" / "cv_metrics.tsv", sep="\t")
     for value in cv["balanced_accuracy"]:
         assert f"{value:.3f}" in text
-    for title in ("Learning curves", "Mean relevance per class", "Confusion matrix"):
+    for title in ("Learning curves", "Mean z+ relevance per class", "Confusion matrix", "Relevance per atlas region",
+                  "Out-of-fold gradient maps", "Mean gradient map per class", "gradient: explanation metrics"):
         assert f"<h3>{title}</h3>" in text
+    assert text.count("Relevance per atlas region") == 2 and "left_part" in text  # z+ and gradient
     _assert_self_contained(text)

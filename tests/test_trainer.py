@@ -124,3 +124,33 @@ def test_guidance_mask_moves_relevance_into_the_lesion():
         share[name] = float((inside / total).mean())
     assert share["additive"] > share["brain"] + 0.05, share
     assert share["ratio"] > share["brain"] + 0.05, share
+
+
+def test_output_collapsed_detects_constant_predictions():
+    from grazbids.engine.trainer import output_collapsed
+    assert output_collapsed(np.tile([[0.3, 0.7]], (5, 1)))
+    assert not output_collapsed(np.array([[0.3, 0.7], [0.31, 0.69]]))
+    assert not output_collapsed(np.array([[0.3, 0.7]]))  # one input says nothing
+
+
+def test_training_stops_with_a_warning_when_the_network_dies(monkeypatch, caplog):
+    from grazbids.engine import trainer as trainer_module
+    build = trainer_module.build_model
+
+    def dead_model(arch):  # the first block's ReLUs are off for every input: output = last bias
+        model = build(arch)
+        with torch.no_grad():
+            next(m for m in model.modules() if isinstance(m, torch.nn.Conv3d)).bias.fill_(-1e3)
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", dead_model)
+    with caplog.at_level("WARNING", logger="grazbids.engine"):
+        result = Trainer(ARCH, _settings(epochs=5)).fit(_data(), np.arange(16), np.arange(16, 24))
+    assert result.collapsed_epoch == 1
+    assert len(result.history) == 1
+    assert "same prediction" in caplog.text and "--learning-rate" in caplog.text
+
+
+def test_a_healthy_network_is_not_reported_dead():
+    result = Trainer(ARCH, _settings(epochs=2)).fit(_data(), np.arange(16), np.arange(16, 24))
+    assert result.collapsed_epoch is None and len(result.history) == 2

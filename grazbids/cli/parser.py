@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="participant level: trained model bundle folder (model_card.json + "
                          "model.safetensors) to predict and explain each participant")
     dl.add_argument("--explain", nargs="+", choices=cfg.EXPLAIN_METHODS, default=[], metavar="METHOD",
-                    help="participant level, with --model: further explanation maps besides z+ LRP, "
-                         "each written in template and native space as desc-<method>_heatmap: "
-                         + ", ".join(cfg.EXPLAIN_METHODS) + " (meaningful_perturbation takes about "
-                         "an hour per image on a CPU)")
+                    help="further explanation maps besides z+ LRP: "
+                         + ", ".join(cfg.EXPLAIN_METHODS) + ". Participant level, with --model: each "
+                         "written in template and native space as desc-<method>_heatmap. Group level: "
+                         "the out-of-fold maps of every held-out participant, summarised per mode in "
+                         "group/mode-<mode>/explain-<method>/ (per-class mean maps, tissue and --atlas "
+                         "shares). meaningful_perturbation takes about an hour per image on a CPU")
     dl.add_argument("--explain-target", default="predicted", metavar="CLASS",
                     help="class the --explain maps explain: 'predicted' (default), a class name of the "
                          "model, or 'softmax' (LRP rules only: the probability-weighted vector)")
@@ -207,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "in the brain (Sefcik & Benesova)")
     dl.add_argument("--guidance-power", type=_positive_float, default=None, metavar="P",
                     help="group level: p of the ratio loss (default: 1)")
+    dl.add_argument("--atlas", type=Path, default=None, metavar="DSEG",
+                    help="group level: label image (dseg) in the template space of the run; the share of "
+                         "each heat map's relevance per region goes to regions.tsv and regions_summary.tsv. "
+                         "Region names from a TSV beside it with the same stem (columns index, name, as "
+                         "TemplateFlow's *_dseg.tsv). None ships with grazbids (atlases are downloads)")
+    dl.add_argument("--feature-visualisation", type=_positive_int, nargs="?", const=200, default=0, metavar="STEPS",
+                    help="group level: after training, the input that maximises each class logit of each "
+                         "mode's model (activation maximisation, Eitel et al.; jitter + periodic blur), as "
+                         "NIfTI + JSON + PNG in group/mode-<mode>/featurevis/ and in the group report; STEPS "
+                         "gradient-ascent steps per class (default 200, about 1 s each at 2 mm on a CPU)")
     dl.add_argument("--random-seed", type=_seed, default=cfg.DEFAULT_SEED, metavar="SEED",
                     help="seed for data splits, weight initialisation and shuffling (default: %(default)s)")
     return parser
@@ -282,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         training_options={key: getattr(ns, key) for key in TRAINING_OPTIONS if getattr(ns, key) is not None},
         guidance_mask=ns.guidance_mask,
         architecture=ns.architecture,
+        atlas=ns.atlas.expanduser().resolve() if ns.atlas else None,
+        feature_visualisation=ns.feature_visualisation,
         random_seed=ns.random_seed,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,

@@ -39,6 +39,7 @@ def run_preflight(config: RunConfig, report: RunReport) -> tuple[RunConfig, dict
 
     check_model(config)
     check_template(config)
+    check_atlas(config)
 
     layout = load_layout(config.bids_dir)
     selection = select_participants(layout, config.participant_labels, config.session_labels)
@@ -116,6 +117,25 @@ def check_template(config: RunConfig) -> None:
         get_template(config.template, config.resolution)
     except TemplateNotFoundError as err:
         raise GrazbidsError(ExitCode.MISSING_INPUT, str(err)) from None
+
+
+def check_atlas(config: RunConfig) -> None:
+    """--atlas (group level): an existing label image that lands on the template grid."""
+    if config.atlas is None:
+        return
+    if not config.is_group_level:
+        LOGGER.warning("--atlas is used at the group level only; ignored at the participant level")
+        return
+    if not config.atlas.is_file():
+        raise GrazbidsError(ExitCode.MISSING_INPUT, f"--atlas {config.atlas}: no such file")
+    import nibabel as nb
+
+    from ..atlas import AtlasError, load_atlas
+    from ..templates import get_template
+    try:
+        load_atlas(config.atlas, nb.load(str(get_template(config.template, config.resolution).t1w)))
+    except AtlasError as err:
+        raise GrazbidsError(ExitCode.BAD_DATA, str(err)) from None
 
 
 def check_images(t1w_files: dict, report: RunReport) -> dict:

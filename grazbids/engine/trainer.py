@@ -96,6 +96,16 @@ class FitResult:
     val_probabilities: np.ndarray | None  # (n_val, n_classes) at the selected epoch
     val_relevance_inside: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    collapsed_epoch: int | None = None  # epoch after which the output stopped depending on the input
+
+
+def output_collapsed(probabilities: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """True when different inputs got the same class probabilities: the network's output no
+    longer depends on its input (typically every ReLU of a layer died after a too-large step,
+    which also makes every heat map zero). Such a network cannot recover: no gradient
+    reaches the layers before the dead one."""
+    probabilities = np.asarray(probabilities)
+    return len(probabilities) > 1 and float(np.ptp(probabilities, axis=0).max()) < tolerance
 
 
 def _batches(index: np.ndarray, size: int):
@@ -264,6 +274,7 @@ class Trainer:
         history = header["history"] if header else []
         best = header["best"] if header else None  # {"epoch", "score": [ba, rel]}
         start = header["epoch"] + 1 if header else 1
+        collapsed = None
         if self.workdir:
             self.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -286,6 +297,12 @@ class Trainer:
                 write_history(self.workdir / "history.tsv", history)
             if world > 1:
                 torch.distributed.barrier()
+            if self._collapsed(model, data, train_index):
+                collapsed = epoch
+                LOG.warning("%s: after epoch %d the network gives every input the same prediction (its ReLUs died, "
+                            "its heat maps are zero); stopping this training. Use a lower --learning-rate (now %g) "
+                            "or another --random-seed.", self.name, epoch, s.learning_rate)
+                break
 
         selected, val_probs, val_inside = s.epochs, None, None
         if val_index is not None and best is not None:
@@ -296,7 +313,18 @@ class Trainer:
             val_probs = tensors["val.probabilities"].numpy()
             val_inside = tensors["val.inside"].numpy()
         model.eval()
-        return FitResult(model.cpu(), history, selected, val_probs, val_inside)
+        return FitResult(model.cpu(), history, selected, val_probs, val_inside, collapsed_epoch=collapsed)
+
+    def _collapsed(self, model, data: TrainingData, train_index: np.ndarray, n: int = 4) -> bool:
+        """Checks the current weights on a few training inputs (one forward pass each)."""
+        was_training = model.training
+        model.eval()
+        index = train_index[:n]
+        x = data.images[index] * (data.masks[index, :1] if self.settings.mode == "masked" else 1)
+        with torch.inference_mode():
+            logits = model(x.to(self.device))
+        model.train(was_training)
+        return output_collapsed(torch.softmax(logits.float(), dim=1).cpu().numpy())
 
     def _save_selected(self, model, val: dict) -> None:
         tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}

@@ -1,6 +1,8 @@
 """Which output an explanation explains."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 Target = str | int | torch.Tensor
@@ -32,3 +34,18 @@ def class_indices(logits: torch.Tensor, target: Target) -> torch.Tensor:
 def selected(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values[i, index[i]]`` for every sample i."""
     return values.gather(1, index[:, None]).squeeze(1)
+
+
+def method_desc(method: str) -> str:
+    """BIDS `desc` value of a method's map (alphanumeric): gradient_x_input -> gradientxinput."""
+    return re.sub(r"[^a-zA-Z0-9]", "", method)
+
+
+def resolve_target(target: str, classes: list[str]) -> str | int:
+    """'predicted', 'softmax' or a class name of the model -> explain()'s target."""
+    if target in ("predicted", "softmax"):
+        return target
+    if target in classes:
+        return classes.index(target)
+    raise ValueError(f"--explain-target {target!r}: not 'predicted', 'softmax' or a class of the model "
+                     f"({', '.join(classes)})")

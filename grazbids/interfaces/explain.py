@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 from nipype.interfaces.base import BaseInterface, BaseInterfaceInputSpec, File, TraitedSpec, traits
 
-
-def method_desc(method: str) -> str:
-    """BIDS `desc` value of a method's map (alphanumeric): gradient_x_input -> gradientxinput."""
-    return re.sub(r"[^a-zA-Z0-9]", "", method)
-
-
-def resolve_target(target: str, classes: list[str]) -> str | int:
-    """'predicted', 'softmax' or a class name of the model -> explain()'s target."""
-    if target in ("predicted", "softmax"):
-        return target
-    if target in classes:
-        return classes.index(target)
-    raise ValueError(f"--explain-target {target!r}: not 'predicted', 'softmax' or a class of the model "
-                     f"({', '.join(classes)})")
+from ..explain.targets import resolve_target
 
 
 class _ExplainInputSpec(BaseInterfaceInputSpec):

@@ -88,6 +88,9 @@ class _GroupTrainingInputSpec(BaseInterfaceInputSpec):
     ready = InputMultiObject(traits.Any, desc="barrier: participant preprocessing outputs")
     architecture = traits.Enum("grazplus", "kondrateva", usedefault=True, desc="network to train")
     guidance_mask = traits.Str(desc="relevance-term mask, e.g. desc-lesion (default: the brain mask)")
+    explain = traits.List(traits.Str, desc="grazbids.explain methods summarised out of fold besides z+")
+    explain_target = traits.Str("predicted", usedefault=True, desc="class the explain maps explain")
+    atlas = File(exists=True, desc="label image in the template space: relevance per region")
     checkpoint_dir = traits.Str(nohash=True, desc="persistent folder for training checkpoints "
                                 "(default: the node's folder, which Nipype empties on a rerun)")
 
@@ -113,6 +116,8 @@ class GroupTraining(BaseInterface):
             epochs=inputs.epochs, training_options=dict(inputs.training_options), seed=inputs.seed,
             guidance_mask=inputs.guidance_mask if isdefined(inputs.guidance_mask) else None,
             architecture=inputs.architecture, device=inputs.device, template=inputs.template,
+            explain=tuple(inputs.explain) if isdefined(inputs.explain) else (), explain_target=inputs.explain_target,
+            atlas=inputs.atlas if isdefined(inputs.atlas) else None,
             resolution=inputs.resolution,
             work_dir=Path(inputs.checkpoint_dir) if isdefined(inputs.checkpoint_dir) else Path(runtime.cwd) / "training",
         )

@@ -48,6 +48,7 @@ class ReportSection(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..reports import T1wOutputs, render_t1w_section
+        from ..reports.participant import explanation_maps
 
         inputs = self.inputs
         probsegs = {}
@@ -62,6 +63,9 @@ class ReportSection(SimpleInterface):
             t1w_sidecar=_optional(inputs.t1w_sidecar), xfm_sidecar=_optional(inputs.xfm_sidecar),
             heatmap=_optional(inputs.heatmap_template), predictions=_optional(inputs.predictions),
             derivatives=list(inputs.derivatives) if isdefined(inputs.derivatives) else [],
+            # the --explain maps are among the written derivatives (their sinks feed the barrier)
+            explanations=explanation_maps(inputs.t1w_template,
+                                          inputs.derivatives if isdefined(inputs.derivatives) else []),
         )
         out = Path(runtime.cwd) / "report_section.html"
         out.write_text(render_t1w_section(outputs, inputs.output_dir))

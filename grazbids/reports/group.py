@@ -29,7 +29,7 @@ REPORT_NAME = "report.html"
 # Columns of per-participant tables that identify or group rows rather than measure.
 ID_COLUMNS = ("participant_id", "session_id", "fold", "true_label", "predicted_label")
 _MEAN_MAP = re.compile(r"^tpl-(?P<tpl>[a-zA-Z0-9]+)_res-(?P<res>[a-zA-Z0-9]+)_class-(?P<cls>[a-zA-Z0-9]+)"
-                       r"_desc-meanzplus_heatmap\.nii\.gz$")
+                       r"_desc-mean[a-zA-Z0-9]+_heatmap\.nii\.gz$")
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
@@ -116,8 +116,8 @@ def _template_underlay(maps: list[Path]) -> tuple[object | None, object]:
 TOP_SHARE = 0.1  # mean class maps: draw the most relevant 10 % of the brain voxels
 
 
-def _class_heatmaps_section(mode_dir: Path, classes: list[str]) -> str:
-    maps = {m: _MEAN_MAP.match(m.name).group("cls") for m in mode_dir.glob("tpl-*_desc-meanzplus_heatmap.nii.gz")
+def _class_heatmaps_section(folder: Path, classes: list[str], desc: str = "zplus", label: str = "z+ relevance") -> str:
+    maps = {m: _MEAN_MAP.match(m.name).group("cls") for m in folder.glob(f"tpl-*_desc-mean{desc}_heatmap.nii.gz")
             if _MEAN_MAP.match(m.name)}
     if not maps:
         return ""
@@ -129,12 +129,66 @@ def _class_heatmaps_section(mode_dir: Path, classes: list[str]) -> str:
     threshold = bf.top_share_threshold(ordered, mask, TOP_SHARE)
     png = bf.class_heatmaps_figure(named, background, mask_img=mask, vmax=vmax, threshold=threshold)
     cuts = ", ".join(f"{z:.0f}" for z in bf.axial_cuts(mask))
-    caption = ("Mean out-of-fold z+ relevance of the participants of each true class"
+    caption = (f"Mean out-of-fold {label} of the participants of each true class"
                + (" over the template T1w (brain)" if background else "")
                + f"; the same axial slices (z = {cuts} mm, left of the brain on the left) and colour "
                f"scale (0 to {vmax:.2e}) in every row; only the top {TOP_SHARE:.0%} of the brain voxels of "
-               f"all classes together (relevance above {threshold:.2e}) are drawn.")
-    return heading(3, "Mean relevance per class") + figure(png, caption)
+               f"all classes together (values above {threshold:.2e}) are drawn.")
+    return heading(3, f"Mean {label} per class") + figure(png, caption)
+
+
+TOP_REGIONS = 15
+
+
+def _regions_section(folder: Path) -> str:
+    path = folder / "regions_summary.tsv"
+    if not path.exists():
+        return ""
+    ranked = read_tsv(path)
+    atlas = read_json(folder / "regions.json").get("Atlas", "") if (folder / "regions.json").exists() else ""
+    return (heading(3, "Relevance per atlas region") +
+            paragraph(f"The {min(TOP_REGIONS, len(ranked))} regions with the largest mean share of positive "
+                      f"relevance (of {len(ranked)}; all in {path.name}, per participant in regions.tsv); "
+                      "relevance_over_volume > 1: more relevance than the region's share of the grid. "
+                      f"Atlas: {atlas}.") +
+            data_table(ranked.head(TOP_REGIONS)))
+
+
+def _featurevis_section(mode_dir: Path) -> str:
+    """The feature visualisations of the mode's final model (--feature-visualisation)."""
+    pngs = sorted((mode_dir / "featurevis").glob("featurevis_*.png"))
+    if not pngs:
+        return ""
+    parts = [heading(3, "Feature visualisation"),
+             paragraph("For each class, an input image optimised by gradient ascent to maximise the final "
+                       "model's logit of that class (activation maximisation, Eitel et al. 2022), inside the "
+                       "template brain mask. Patterns that are not anatomy hint at what the network detects; "
+                       "they are not a map of the disease effect. NIfTI and settings beside each figure in "
+                       f"{mode_dir.name}/featurevis/.", "note")]
+    for png in pngs:
+        sidecar = png.with_suffix(".json")
+        details = read_json(sidecar) if sidecar.exists() else {}
+        regularisers = details.get("Regularisers", {})
+        used = ", ".join(f"{k} {v}" for k, v in regularisers.items()
+                         if k not in ("penalties_and_blur_act_on",) and v not in (0, 0.0, False, None))
+        caption = (f"{png.stem.removeprefix('featurevis_')}: {details.get('Iterations', '?')} Adam steps "
+                   f"(lr {details.get('LearningRate', '?')}), logit {details.get('ObjectiveValueStart', float('nan')):.3g} "
+                   f"-> {details.get('ObjectiveValue', float('nan')):.3g}; regularisers: {used or 'none'}.")
+        parts.append(figure(png.read_bytes(), caption))
+    return "\n".join(parts)
+
+
+def _explain_method_sections(mode_dir: Path, classes: list[str]) -> str:
+    """The out-of-fold maps of the --explain methods (one subfolder each)."""
+    parts = []
+    for folder in sorted(mode_dir.glob("explain-*")):
+        desc = folder.name.removeprefix("explain-")
+        summary = read_json(folder / "explanation_summary.json") if (folder / "explanation_summary.json").exists() else {}
+        method = summary.get("method", desc)
+        parts += [heading(3, f"Out-of-fold {method} maps"),
+                  _class_heatmaps_section(folder, classes, desc, f"{method} map"),
+                  _explanation_section(folder, f"{method}: explanation metrics"), _regions_section(folder)]
+    return "\n".join(p for p in parts if p)
 
 
 def _learning_curves_section(mode_dir: Path, cv: pd.DataFrame) -> str:
@@ -177,11 +231,11 @@ def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     return [(prefix.removesuffix(" / "), value)]
 
 
-def _explanation_section(mode_dir: Path) -> str:
+def _explanation_section(mode_dir: Path, title: str = "Explanation metrics") -> str:
     table_path, summary_path = mode_dir / "explanation_metrics.tsv", mode_dir / "explanation_summary.json"
     if not table_path.exists() and not summary_path.exists():
         return ""
-    parts = [heading(3, "Explanation metrics")]
+    parts = [heading(3, title)]
     if table_path.exists():
         metrics = read_tsv(table_path)
         columns = numeric_columns(metrics)
@@ -228,10 +282,10 @@ def render_mode_section(mode_dir: Path, output_dir: Path) -> str:
                                               if "true_label" in oof else []))
     parts = [f'<section id="mode-{escape(mode)}">', heading(2, f"mode-{mode}: {MODE_TITLES.get(mode, mode)}"),
              _cv_section(mode_dir), _class_heatmaps_section(mode_dir, classes),
-             _learning_curves_section(mode_dir, cv)]
+             _learning_curves_section(mode_dir, cv), _featurevis_section(mode_dir)]
     if not oof.empty:
         parts.append(_confusion_section(oof, classes))
-    parts.append(_explanation_section(mode_dir))
+    parts += [_explanation_section(mode_dir), _regions_section(mode_dir), _explain_method_sections(mode_dir, classes)]
     if not oof.empty:
         parts.append(_participants_section(oof, output_dir))
     parts.append("</section>")

@@ -45,6 +45,20 @@ class T1wOutputs:
     heatmap: str | None = None
     predictions: str | None = None
     derivatives: list[str] = field(default_factory=list)
+    explanations: dict[str, str] = field(default_factory=dict)  # --explain maps: desc -> template-space map
+
+
+def explanation_maps(t1w_template: str, paths) -> dict[str, str]:
+    """The template-space --explain maps among ``paths`` (desc -> path): the
+    ``desc-<method>_heatmap`` files beside ``t1w_template`` with its space entities, z+ excepted."""
+    stem = Path(t1w_template).name.removesuffix("_desc-preproc_T1w.nii.gz")
+    pattern = re.compile(rf"^{re.escape(stem)}_desc-([a-zA-Z0-9]+)_heatmap\.nii\.gz$")
+    found = {}
+    for path in paths:
+        match = pattern.match(Path(path).name)
+        if match and match.group(1) != "zplus":
+            found[match.group(1)] = str(path)
+    return dict(sorted(found.items()))
 
 
 def section_id(source_file: str) -> str:
@@ -144,23 +158,23 @@ def _prediction(path: str) -> str:
     return key_value_table(rows)
 
 
-def _relevance(outputs: T1wOutputs) -> str:
-    heat = _data(outputs.heatmap)
+def _relevance(outputs: T1wOutputs, heatmap: str, title: str = "z+ relevance") -> str:
+    heat = _data(heatmap)
     brain = _data(outputs.brain_mask) > 0.5
     if heat.shape != brain.shape:
-        raise ValueError(f"{outputs.heatmap}: grid {heat.shape} differs from the brain mask's {brain.shape}")
+        raise ValueError(f"{heatmap}: grid {heat.shape} differs from the brain mask's {brain.shape}")
     rows: list[tuple[str, object]] = [("Positive relevance inside the brain mask", fraction_inside(heat, brain))]
     if outputs.probsegs:
         shares = fraction_per_tissue(heat, {t: _data(p) for t, p in outputs.probsegs.items()}, brain)
         rows += [(f"… in {t}" if t != "outside" else "… outside the brain mask", v) for t, v in shares.items()]
-    meta = read_sidecar(sidecar_of(outputs.heatmap))
+    meta = read_sidecar(sidecar_of(heatmap))
     for key, label in (("ModelTrainingMode", "Model training mode"), ("ModelTargetColumn", "Model target"),
                        ("Method", "Method"), ("ExplainedClass", "Explained output")):
         if key in meta:
             rows.append((label, meta[key]))
-    png = bf.heatmap_figure(outputs.heatmap, outputs.t1w, mask_img=outputs.brain_mask,
-                            title="z+ relevance", outlines=[(outputs.brain_mask, bf.TEMPLATE_MASK_COLOUR)])
-    caption = ("z+ relevance over the template-space T1w; the views cut through the relevance peak, "
+    png = bf.heatmap_figure(heatmap, outputs.t1w, mask_img=outputs.brain_mask,
+                            title=title, outlines=[(outputs.brain_mask, bf.TEMPLATE_MASK_COLOUR)])
+    caption = (f"{title} over the template-space T1w (positive values); the views cut through its peak, "
                f"values below {bf.HEAT_THRESHOLD_SHARE:.0%} of the colour maximum are not drawn; "
                "red: template brain mask.")
     return key_value_table(rows) + figure(png, caption)
@@ -178,7 +192,10 @@ def render_t1w_section(outputs: T1wOutputs, output_dir: str | os.PathLike) -> st
     if outputs.predictions:
         parts += [heading(3, "Prediction"), _prediction(outputs.predictions)]
     if outputs.heatmap:
-        parts += [heading(3, "Relevance (z+ heat map)"), _relevance(outputs)]
+        parts += [heading(3, "Relevance (z+ heat map)"), _relevance(outputs, outputs.heatmap)]
+    for desc, path in outputs.explanations.items():
+        method = read_sidecar(sidecar_of(path)).get("MethodName", desc)
+        parts += [heading(3, f"Explanation: {method}"), _relevance(outputs, path, f"{method} map")]
     if outputs.derivatives:
         items = "".join(f"<li>{link(relative_href(p, output_dir), Path(p).name)}</li>"
                         for p in sorted(set(outputs.derivatives)))
@@ -230,5 +247,6 @@ def discover_t1w_outputs(output_dir: str | os.PathLike, subject: str) -> list[T1
             heatmap=str(heat) if heat.exists() else None,
             predictions=str(predictions) if predictions else None,
             derivatives=[str(p) for p in sorted(t1w.parent.glob(f"{raw_stem}_*")) if p.suffix != ".json"],
+            explanations=explanation_maps(str(t1w), t1w.parent.glob(f"{stem}_desc-*_heatmap.nii.gz")),
         ))
     return found

@@ -5,7 +5,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.derivatives import DerivativesSink
-from ..interfaces.explain import ExplainMap, method_desc
+from ..explain.targets import method_desc
+from ..interfaces.explain import ExplainMap
 from ..interfaces.model import PredictAndExplain
 from ..interfaces.registration import ApplyTransforms
 
