@@ -156,9 +156,13 @@ def main(argv=None) -> None:
         execute(f"inference {mode} (test split)", [
             grazbids, str(bids), str(test_out), "participant", *common, "--participant-label", *labels(test),
             "--model", str(preproc / "group" / f"mode-{mode}" / "model")], timings)
+        cv = json.loads((preproc / "group" / f"mode-{mode}" / "cv_metrics.json").read_text())
         results[mode] = {
             "cv_balanced_accuracy_mean": float(modes.loc[mode, "balanced_accuracy_mean"]),
             "cv_balanced_accuracy_sd": float(modes.loc[mode, "balanced_accuracy_sd"]),
+            # a dead network (constant output) makes its row meaningless: say so
+            "folds_collapsed": [f["fold"] for f in cv["per_fold"] if f.get("collapsed_epoch") is not None],
+            "final_model_collapsed_epoch": cv.get("final_model_collapsed_epoch"),
             **evaluate_mode(mode, bids, preproc, test_out, test),
         }
 
@@ -171,6 +175,11 @@ def main(argv=None) -> None:
               f"| {r['test_balanced_accuracy']:.2f} | {r['conflict_accuracy']:.2f} (n={r['n_conflict']}) "
               f"| {r['inside_brain_mean']:.3f} | {r['inside_effect_mean']:.3f} | {r['pointing_effect_mean']:.2f} "
               f"| {r['inside_shortcut_mean']:.4f} |")
+    for mode, r in results.items():
+        if r["folds_collapsed"] or r["final_model_collapsed_epoch"] is not None:
+            print(f"WARNING {mode}: the network died (constant output) in CV fold(s) {r['folds_collapsed']}"
+                  f"{', and the final model' if r['final_model_collapsed_epoch'] is not None else ''}; "
+                  "its row is not a valid comparison (lower --learning-rate)")
     report = {"settings": {k: str(v) for k, v in vars(args).items()}, "machine": platform.platform(),
               "cpus": os.cpu_count(), "timings_s": timings, "results": results,
               "n_train": len(train), "n_test": len(test)}
