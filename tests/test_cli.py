@@ -264,7 +264,7 @@ def test_stop_on_first_crash(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "sub-03" / "anat").exists()
 
 
-def test_group_run_reuses_preprocessing_and_waits_for_the_rest(tmp_path, monkeypatch):
+def test_group_run_reuses_preprocessing_and_waits_for_the_rest(tmp_path, monkeypatch, capsys):
     bids = make_bids(tmp_path / "bids", subjects=("01", "02", "03", "04", "05"),
                      targets={"dx": ["ad", "cn", "ad", "cn", "n/a"]})
     out, work = tmp_path / "out", tmp_path / "work"
@@ -284,6 +284,11 @@ def test_group_run_reuses_preprocessing_and_waits_for_the_rest(tmp_path, monkeyp
     summary = json.loads(sorted((out / "logs").glob("grazbids_group_*_summary.json"))[-1].read_text())
     assert summary["group_step"] == "finished" and summary["without_target"] == ["05"]
     assert summary["reused_preprocessing"] == ["01", "02"]
+    # all preprocessed now: the summary says so instead of "0 of 0 processed participant(s)"
+    capsys.readouterr()
+    assert main([str(bids), str(out), "group", "--target-column", "dx", "--cv-folds", "2", *common]) == 0
+    err = capsys.readouterr().err
+    assert "group level: no participant needed preprocessing" in err and "0 of 0" not in err
 
 
 def test_group_step_not_run_when_preprocessing_fails(tmp_path, monkeypatch, capsys):

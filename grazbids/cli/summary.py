@@ -55,8 +55,11 @@ class RunReport:
         return ExitCode.OK
 
     def lines(self) -> list[str]:
-        out = [f"grazbids {__version__} {self.analysis_level} level: "
-               f"{len(self.succeeded())} of {len(self.processed)} processed participant(s) succeeded"]
+        if self.processed or self.analysis_level != "group":
+            head = f"{len(self.succeeded())} of {len(self.processed)} processed participant(s) succeeded"
+        else:  # a group run whose participants were all preprocessed before
+            head = "no participant needed preprocessing"
+        out = [f"grazbids {__version__} {self.analysis_level} level: {head}"]
         if self.group_step:
             out.append(f"  group step: {self.group_step}")
         if self.reused_preprocessing:
