@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from grazbids.engine import balanced_accuracy  # noqa: E402
-from grazbids.metrics import fraction_inside, pointing_game  # noqa: E402
+from grazbids.explain.targets import method_desc  # noqa: E402
+from grazbids.explanation_table import participant_row  # noqa: E402
 
 MODES = ("plain", "masked", "grazplus")
 TEMPLATE, RESOLUTION = "MNI152NLin2009aSym", 2
@@ -70,38 +71,37 @@ def _load(path: Path) -> np.ndarray:
     return np.asanyarray(nb.load(str(path)).dataobj, dtype=np.float64)
 
 
-def evaluate_mode(mode: str, bids: Path, preproc: Path, test_out: Path, test: pd.DataFrame) -> dict:
-    """Test-split accuracy and where the test heat maps put relevance, from the derivatives."""
+def evaluate_mode(mode: str, bids: Path, preproc: Path, test_out: Path, test: pd.DataFrame,
+                  maps: tuple[str, ...] = ("zplus",)) -> dict:
+    """Test-split accuracy and where each test map (``desc`` values) puts relevance, from the
+    derivatives (explanation_table.participant_row: the group level's own metrics)."""
     truth = bids / "derivatives" / "simulation"
     classes = sorted(test["diagnosis"].unique())
-    y_true, y_pred, rows = [], [], []
+    y_true, y_pred, conflict, rows = [], [], [], {desc: [] for desc in maps}
     for p in test.itertuples():
         pid = p.participant_id
         predictions = pd.read_csv(next((test_out / pid).glob(f"**/{pid}*_predictions.tsv")), sep="\t")
-        predicted = str(predictions["predicted_label"].iloc[0])
         y_true.append(classes.index(p.diagnosis))
-        y_pred.append(classes.index(predicted))
-        heat = _load(_template_file(test_out, pid, "zplus", "heatmap"))
-        brain = _load(_template_file(preproc, pid, "brain", "mask")) > 0.5
-        effect = _load(_template_file(truth, pid, "effect", "mask")) > 0.5
-        shortcut = _load(_template_file(truth, pid, "shortcut", "mask")) > 0.5
-        rows.append({
-            "conflict": (p.diagnosis == "patient") != bool(p.shortcut),
-            "inside_brain": fraction_inside(heat, brain),
-            "inside_effect": fraction_inside(heat, effect) if effect.any() else np.nan,
-            "pointing_effect": float(pointing_game(heat, effect)) if effect.any() else np.nan,
-            "inside_shortcut": fraction_inside(heat, shortcut) if shortcut.any() else np.nan,
-        })
-    frame = pd.DataFrame(rows)
-    y_true, y_pred = np.array(y_true), np.array(y_pred)
-    conflict = frame["conflict"].to_numpy()
+        y_pred.append(classes.index(str(predictions["predicted_label"].iloc[0])))
+        conflict.append((p.diagnosis == "patient") != bool(p.shortcut))
+        brain = _load(_template_file(preproc, pid, "brain", "mask"))
+        references = {name: _template_file(truth, pid, name, "mask") for name in ("effect", "shortcut")}
+        for desc in maps:
+            heat = _load(_template_file(test_out, pid, desc, "heatmap"))
+            rows[desc].append(participant_row(heat, brain, {}, references))
+    y_true, y_pred, conflict = np.array(y_true), np.array(y_pred), np.array(conflict)
+    means = {desc: {c: float(np.nanmean(pd.DataFrame(r)[c])) if c in pd.DataFrame(r) else np.nan for c in METRICS}
+             for desc, r in rows.items()}
     return {
         "test_balanced_accuracy": balanced_accuracy(y_true, y_pred, len(classes)),
         "conflict_accuracy": float(np.mean(y_true[conflict] == y_pred[conflict])) if conflict.any() else np.nan,
         "n_conflict": int(conflict.sum()),
-        **{f"{c}_mean": float(np.nanmean(frame[c])) for c in
-           ("inside_brain", "inside_effect", "pointing_effect", "inside_shortcut")},
+        "maps": means,
     }
+
+
+METRICS = ("relevance_inside_brain", "relevance_inside_effect", "pointing_game_effect", "roc_auc_effect",
+           "relevance_inside_shortcut")
 
 
 def main(argv=None) -> None:
@@ -115,12 +115,14 @@ def main(argv=None) -> None:
     parser.add_argument("--test-correlation", type=float, default=0.5)
     parser.add_argument("--simulate-args", default="", help="extra grazbids-simulate options, one string")
     parser.add_argument("--cv-folds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)  # 1e-3 killed networks (docs/simulation.md)
     parser.add_argument("--accumulation-steps", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--nprocs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--explain", nargs="*", default=[], metavar="METHOD",
+                        help="further grazbids --explain methods at inference, evaluated like the z+ map")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="only re-read the outputs of an earlier run in --work")
     args = parser.parse_args(argv)
@@ -155,7 +157,8 @@ def main(argv=None) -> None:
         test_out = work / f"test-{mode}"
         execute(f"inference {mode} (test split)", [
             grazbids, str(bids), str(test_out), "participant", *common, "--participant-label", *labels(test),
-            "--model", str(preproc / "group" / f"mode-{mode}" / "model")], timings)
+            "--model", str(preproc / "group" / f"mode-{mode}" / "model"),
+            *(["--explain", *args.explain] if args.explain else [])], timings)
         cv = json.loads((preproc / "group" / f"mode-{mode}" / "cv_metrics.json").read_text())
         results[mode] = {
             "cv_balanced_accuracy_mean": float(modes.loc[mode, "balanced_accuracy_mean"]),
@@ -163,7 +166,8 @@ def main(argv=None) -> None:
             # a dead network (constant output) makes its row meaningless: say so
             "folds_collapsed": [f["fold"] for f in cv["per_fold"] if f.get("collapsed_epoch") is not None],
             "final_model_collapsed_epoch": cv.get("final_model_collapsed_epoch"),
-            **evaluate_mode(mode, bids, preproc, test_out, test),
+            **evaluate_mode(mode, bids, preproc, test_out, test,
+                            ("zplus", *(method_desc(m) for m in args.explain))),
         }
 
     print("\n| mode | CV BA (train split, shortcut "
@@ -171,10 +175,18 @@ def main(argv=None) -> None:
           "test acc. on conflict cases | relevance in brain | in true effect | pointing game | in marker |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
+        z = r["maps"]["zplus"]
         print(f"| {mode} | {r['cv_balanced_accuracy_mean']:.2f} ± {r['cv_balanced_accuracy_sd']:.2f} "
               f"| {r['test_balanced_accuracy']:.2f} | {r['conflict_accuracy']:.2f} (n={r['n_conflict']}) "
-              f"| {r['inside_brain_mean']:.3f} | {r['inside_effect_mean']:.3f} | {r['pointing_effect_mean']:.2f} "
-              f"| {r['inside_shortcut_mean']:.4f} |")
+              f"| {z['relevance_inside_brain']:.3f} | {z['relevance_inside_effect']:.3f} "
+              f"| {z['pointing_game_effect']:.2f} | {z['relevance_inside_shortcut']:.4f} |")
+    print("\nTest maps per method (means over the test split; effect metrics over patients):")
+    print("| mode | map | relevance in brain | in true effect | pointing game | voxel ROC-AUC (effect) | in marker |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        for desc, m in r["maps"].items():
+            print(f"| {mode} | {desc} | {m['relevance_inside_brain']:.3f} | {m['relevance_inside_effect']:.3f} "
+                  f"| {m['pointing_game_effect']:.2f} | {m['roc_auc_effect']:.2f} | {m['relevance_inside_shortcut']:.4f} |")
     for mode, r in results.items():
         if r["folds_collapsed"] or r["final_model_collapsed_epoch"] is not None:
             print(f"WARNING {mode}: the network died (constant output) in CV fold(s) {r['folds_collapsed']}"
