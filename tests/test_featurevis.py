@@ -314,4 +314,5 @@ def test_group_feature_visualisation_node_and_report_section(tmp_path):
     assert meta["Regularisers"]["jitter"] == 2 and meta["Regularisers"]["blur_every"] == 4
     text = write_group_report(out).read_text()
     assert "<h3>Feature visualisation</h3>" in text and "class-lesion: 2 Adam steps" in text
+    assert "blur_every 4, blur_sigma 0.5, jitter 2" in text and "fourier_decay" not in text  # fourier is off
     assert text.count("data:image/png;base64,") == before + 2

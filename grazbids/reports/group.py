@@ -168,9 +168,13 @@ def _featurevis_section(mode_dir: Path) -> str:
     for png in pngs:
         sidecar = png.with_suffix(".json")
         details = read_json(sidecar) if sidecar.exists() else {}
-        regularisers = details.get("Regularisers", {})
-        used = ", ".join(f"{k} {v}" for k, v in regularisers.items()
-                         if k not in ("penalties_and_blur_act_on",) and v not in (0, 0.0, False, None))
+        regularisers = dict(details.get("Regularisers", {}))
+        regularisers.pop("penalties_and_blur_act_on", None)
+        if not regularisers.get("fourier"):  # parameters of regularisers that are off say nothing
+            regularisers.pop("fourier_decay", None)
+        if not regularisers.get("blur_every"):
+            regularisers.pop("blur_sigma", None)
+        used = ", ".join(f"{k} {v}" for k, v in regularisers.items() if v not in (0, 0.0, False, None))
         caption = (f"{png.stem.removeprefix('featurevis_')}: {details.get('Iterations', '?')} Adam steps "
                    f"(lr {details.get('LearningRate', '?')}), logit {details.get('ObjectiveValueStart', float('nan')):.3g} "
                    f"-> {details.get('ObjectiveValue', float('nan')):.3g}; regularisers: {used or 'none'}.")
