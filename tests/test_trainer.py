@@ -149,6 +149,8 @@ def test_training_stops_with_a_warning_when_the_network_dies(monkeypatch, caplog
     assert result.collapsed_epoch == 1
     assert len(result.history) == 1
     assert "same prediction" in caplog.text and "--learning-rate" in caplog.text
+    without_validation = Trainer(ARCH, _settings(epochs=5)).fit(_data(), np.arange(16))  # probes training inputs
+    assert without_validation.collapsed_epoch == 1 and len(without_validation.history) == 1
 
 
 def test_a_healthy_network_is_not_reported_dead():

@@ -297,7 +297,7 @@ class Trainer:
                 write_history(self.workdir / "history.tsv", history)
             if world > 1:
                 torch.distributed.barrier()
-            if self._collapsed(model, data, train_index):
+            if self._collapsed(model, data, train_index, val["probabilities"] if val_index is not None else None):
                 collapsed = epoch
                 LOG.warning("%s: after epoch %d the network gives every input the same prediction (its ReLUs died, "
                             "its heat maps are zero); stopping this training. Use a lower --learning-rate (now %g) "
@@ -315,8 +315,12 @@ class Trainer:
         model.eval()
         return FitResult(model.cpu(), history, selected, val_probs, val_inside, collapsed_epoch=collapsed)
 
-    def _collapsed(self, model, data: TrainingData, train_index: np.ndarray, n: int = 4) -> bool:
-        """Checks the current weights on a few training inputs (one forward pass each)."""
+    def _collapsed(self, model, data: TrainingData, train_index: np.ndarray, val_probabilities=None,
+                   n: int = 4) -> bool:
+        """Checks the current weights: on this epoch's validation outputs when there are
+        some (free), else on a few training inputs (one forward pass each)."""
+        if val_probabilities is not None and len(val_probabilities) > 1:
+            return output_collapsed(val_probabilities)
         was_training = model.training
         model.eval()
         index = train_index[:n]
