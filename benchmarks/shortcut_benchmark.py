@@ -90,8 +90,8 @@ def evaluate_mode(mode: str, bids: Path, preproc: Path, test_out: Path, test: pd
             heat = _load(_template_file(test_out, pid, desc, "heatmap"))
             rows[desc].append(participant_row(heat, brain, {}, references))
     y_true, y_pred, conflict = np.array(y_true), np.array(y_pred), np.array(conflict)
-    means = {desc: {c: float(np.nanmean(pd.DataFrame(r)[c])) if c in pd.DataFrame(r) else np.nan for c in METRICS}
-             for desc, r in rows.items()}
+    frames = {desc: pd.DataFrame(r) for desc, r in rows.items()}
+    means = {desc: {c: float(f[c].mean()) if c in f else np.nan for c in METRICS} for desc, f in frames.items()}
     return {
         "test_balanced_accuracy": balanced_accuracy(y_true, y_pred, len(classes)),
         "conflict_accuracy": float(np.mean(y_true[conflict] == y_pred[conflict])) if conflict.any() else np.nan,

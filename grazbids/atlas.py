@@ -33,24 +33,22 @@ class Atlas:
         positive = np.clip(np.asarray(heatmap, dtype=np.float64), 0, None)
         if positive.shape != self.labels.shape:
             raise ValueError(f"heat map grid {positive.shape} differs from the atlas grid {self.labels.shape}")
-        total = positive.sum()
-        per_label = np.bincount(self.labels.ravel(), weights=positive.ravel(), minlength=max(self.names) + 1)
-        if total == 0:
-            return {name: float("nan") for name in self.column_names()}
-        shares = {self.names[i]: float(per_label[i] / total) for i in sorted(self.names)}
-        shares["outside_atlas"] = float(per_label[0] / total)
-        return shares
-
-    def column_names(self) -> list[str]:
-        return [self.names[i] for i in sorted(self.names)] + ["outside_atlas"]
+        return self._fractions(positive.ravel())
 
     def volume_fractions(self) -> dict[str, float]:
         """Each region's share of the grid's voxels: the shares of a map spread evenly, to
         compare the relevance shares against."""
-        counts = np.bincount(self.labels.ravel(), minlength=max(self.names) + 1)
-        fractions = {self.names[i]: float(counts[i] / self.labels.size) for i in sorted(self.names)}
-        fractions["outside_atlas"] = float(counts[0] / self.labels.size)
-        return fractions
+        return self._fractions(None)
+
+    def column_names(self) -> list[str]:
+        return [self.names[i] for i in sorted(self.names)] + ["outside_atlas"]
+
+    def _fractions(self, weights: np.ndarray | None) -> dict[str, float]:
+        """Share of ``weights`` (None: voxel counts) per region, label 0 as outside_atlas."""
+        per_label = np.bincount(self.labels.ravel(), weights=weights, minlength=max(self.names) + 1)
+        total = per_label.sum()
+        values = per_label / total if total > 0 else np.full(per_label.shape, np.nan)
+        return dict(zip(self.column_names(), [float(values[i]) for i in sorted(self.names)] + [float(values[0])]))
 
 
 def _region_names(path: Path, indices: list[int]) -> dict[int, str]:

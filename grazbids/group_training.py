@@ -32,7 +32,7 @@ from .explain.targets import method_desc, resolve_target
 from .inference import zplus_map
 from .explanation_table import reference_masks, tissue_maps
 from .oof_maps import OutOfFoldMaps
-from .utils.atomic import atomic_path, write_json, write_text
+from .utils.atomic import atomic_path, write_json, write_text, write_tsv
 
 LOG = logging.getLogger("grazbids.group")
 NORMALISATION = IntensityNormalisation()
@@ -174,11 +174,6 @@ def _is_main_process() -> bool:
     return distributed_rank_and_size()[0] == 0
 
 
-def _tsv(path: Path, frame: pd.DataFrame) -> None:
-    with atomic_path(path, suffix=".tsv") as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6f")
-
-
 def _safe(label: str) -> str:
     return re.sub(r"[^a-zA-Z0-9]", "", label) or "class"
 
@@ -274,7 +269,7 @@ def train_mode(
     if not _is_main_process():
         return cv_summary
 
-    _tsv(out_dir / "cv_metrics.tsv", folds_table)
+    write_tsv(out_dir / "cv_metrics.tsv", folds_table)
     write_json(out_dir / "cv_metrics.json", cv_summary)
 
     oof = pd.DataFrame({
@@ -285,7 +280,7 @@ def train_mode(
         **{f"probability_{_safe(c)}": oof_probs[:, j] for j, c in enumerate(classes)},
         "relevance_inside_mask": oof_inside,
     })
-    _tsv(out_dir / "oof_predictions.tsv", oof)
+    write_tsv(out_dir / "oof_predictions.tsv", oof)
     write_json(out_dir / "oof_predictions.json", {
         "fold": {"Description": "cross-validation fold in which the participant was held out"},
         "true_label": {"Description": f"value of {target_column} in participants.tsv"},
@@ -395,4 +390,4 @@ def _write_modes_summary(group_dir: Path, summaries: dict[str, dict]) -> None:
             "last_epoch_balanced_accuracy_sd": cv["last_epoch_balanced_accuracy_sd"],
             **{k: (np.nan if v is None else v) for k, v in explanation.items()},
         })
-    _tsv(group_dir / "modes_summary.tsv", pd.DataFrame(rows))
+    write_tsv(group_dir / "modes_summary.tsv", pd.DataFrame(rows))

@@ -12,12 +12,7 @@ import pandas as pd
 
 from .atlas import Atlas
 from .explanation_table import COLUMN_DESCRIPTIONS, participant_row, summarise
-from .utils.atomic import atomic_path, write_json
-
-
-def _tsv(path, frame: pd.DataFrame) -> None:
-    with atomic_path(path, suffix=".tsv") as tmp:
-        frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6f")
+from .utils.atomic import write_json, write_tsv
 
 
 class OutOfFoldMaps:
@@ -55,7 +50,7 @@ class OutOfFoldMaps:
         columns = [c for c in COLUMN_DESCRIPTIONS if any(c in r for r in self.rows)]
         table = pd.DataFrame({**self._ids(), "predicted_label": predicted,
                               **{c: [r.get(c, np.nan) for r in self.rows] for c in columns}})
-        _tsv(out_dir / "explanation_metrics.tsv", table)
+        write_tsv(out_dir / "explanation_metrics.tsv", table)
         write_json(out_dir / "explanation_metrics.json", {
             "true_label": {"Description": "target value in participants.tsv"},
             "predicted_label": {"Description": "class with the highest out-of-fold probability"},
@@ -73,7 +68,7 @@ class OutOfFoldMaps:
             return
         names = self.atlas.column_names()
         shares = pd.DataFrame([{n: r.get(n, np.nan) for n in names} for r in self.regions])
-        _tsv(out_dir / "regions.tsv", pd.concat([pd.DataFrame(self._ids()), shares], axis=1))
+        write_tsv(out_dir / "regions.tsv", pd.concat([pd.DataFrame(self._ids()), shares], axis=1))
         volume = self.atlas.volume_fractions()  # of the whole grid: an even map's shares
         labels = np.array([s.label for s in self.samples])
         summary = pd.DataFrame({
@@ -85,7 +80,7 @@ class OutOfFoldMaps:
         })
         summary["relevance_over_volume"] = summary["mean_relevance_fraction"] / summary["volume_fraction"].where(
             summary["volume_fraction"] > 0)
-        _tsv(out_dir / "regions_summary.tsv",
+        write_tsv(out_dir / "regions_summary.tsv",
              summary.sort_values("mean_relevance_fraction", ascending=False, na_position="last"))
         write_json(out_dir / "regions.json", {
             "Atlas": self.atlas.source, "Method": self.method,

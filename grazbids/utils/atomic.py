@@ -41,6 +41,13 @@ def write_json(target: str | os.PathLike, data) -> Path:
     return write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def write_tsv(target: str | os.PathLike, frame) -> Path:
+    """A pandas table as a BIDS-style TSV: n/a for missing values, 6 decimals."""
+    with atomic_path(target, suffix=".tsv") as tmp:
+        frame.to_csv(tmp, sep="\t", index=False, na_rep="n/a", float_format="%.6f")
+    return Path(target)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a temporary directory beside ``target``; it replaces ``target`` on success."""
