@@ -3,18 +3,22 @@
     python benchmarks/bench_engine.py [--device cpu|cuda] [--repeats 5] [--skip-1mm]
 
 Same model (Graz+ architecture) and batch (2 mm template grid 97x115x97, batch 2) for:
-  plain      one Adam step on cross-entropy (the reference)
-  grazplus   one Adam step on CE - sum(mask * R), our forward masked-relevance sweep
-  naive      the same loss with z+ written through autograd.grad(create_graph=True)
-  heatmap    the full z+ map under torch.inference_mode
-and, when torch.compile works here, the plain and Graz+ steps compiled. Peak memory of
-one Graz+ step at 1 mm (197x233x189, batch 1) is measured in a fresh subprocess.
-Times are the minimum over repeats (the machine is noisy); the ratios are what matter.
+  plain               one Adam step on cross-entropy, default memory format
+  plain_channels_last the same with model and input channels-last
+  grazplus            one Adam step on CE - sum(mask * R) through masked_relevance
+  naive               the same loss with z+ written through autograd.grad(create_graph=True)
+  heatmap             the full z+ map (zplus_heatmap) under torch.inference_mode
+and, with --compile, the plain and Graz+ steps through torch.compile (compile time
+printed). The reference of every ratio is the FASTEST plain step (either format).
+Each repeat runs every variant once in turn (interleaved, so load from other jobs hits
+all of them alike); times are the minimum over repeats. Peak memory of one Graz+ step
+at 1 mm (197x233x189, batch 1 and 2) is measured in fresh subprocesses.
 The last line is a JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ from grazbids.engine.lrp import start_relevance
 
 GRID_2MM = (97, 115, 97)
 GRID_1MM = (197, 233, 189)
+LOAD_BEFORE = f"{os.getloadavg()[0]:.2f}"
 
 
 def naive_masked_relevance(model, x, mask):
@@ -60,9 +65,18 @@ def naive_masked_relevance(model, x, mask):
 
 def make_steps(model, x, mask, y, compile_fns=False):
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    optimiser_cl = torch.optim.Adam(model_cl.parameters(), lr=1e-4)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
 
     def plain_loss(x, mask, y):
         return F.cross_entropy(model(x), y)
+
+    def plain_cl_step():
+        optimiser_cl.zero_grad(set_to_none=True)
+        F.cross_entropy(model_cl(x_cl), y).backward()
+        optimiser_cl.step()
+        model_cl.project_biases_()
 
     def graz_loss(x, mask, y):
         logits, inside, _ = masked_relevance(model, x, mask)
@@ -84,27 +98,42 @@ def make_steps(model, x, mask, y, compile_fns=False):
         with torch.inference_mode():
             zplus_heatmap(model, x)
 
-    steps = {"plain": step(plain_loss), "grazplus": step(graz_loss), "naive": step(naive_loss), "heatmap": heatmap}
+    steps = {"plain": step(plain_loss), "plain_channels_last": plain_cl_step, "grazplus": step(graz_loss),
+             "naive": step(naive_loss), "heatmap": heatmap}
     if compile_fns:
         steps["plain_compiled"] = step(torch.compile(plain_loss))
         steps["grazplus_compiled"] = step(torch.compile(graz_loss))
     return steps
 
 
-def timed(fn, repeats, sync):
-    fn()  # warm-up (and compilation)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+def timed_interleaved(steps: dict, repeats: int, sync) -> tuple[dict, dict]:
+    """Min time per step over ``repeats`` rounds of every step in turn; the first call
+    (warm-up, and compilation for compiled steps) is timed separately."""
+    first, best, failed = {}, {}, set()
+    for name, fn in steps.items():
         start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+        try:
+            fn()
+            sync()
+        except Exception as err:  # e.g. no C++ compiler for torch.compile
+            print(f"{name}: failed ({str(err).splitlines()[0][:120]})", file=sys.stderr)
+            failed.add(name)
+            continue
+        first[name] = time.perf_counter() - start
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            if name in failed:
+                continue
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return best, first
 
 
-def peak_memory_1mm(device: str) -> float:
-    """Peak memory (MB) of one Graz+ training step at 1 mm, batch 1, in a fresh process."""
+def peak_memory_1mm(device: str, batch: int = 1) -> tuple[float, float]:
+    """Peak memory (MB) of one Graz+ training step at 1 mm in a fresh process, and the
+    process's memory before the step."""
     code = f"""
 import torch, torch.nn.functional as F
 from grazbids.engine import Architecture, build_model, masked_relevance
@@ -114,7 +143,7 @@ def hwm():  # VmHWM: this process's peak resident memory (ru_maxrss would includ
 dev = torch.device({device!r})
 model = build_model(Architecture({GRID_1MM!r})).to(dev)
 opt = torch.optim.Adam(model.parameters(), 1e-4)
-x = torch.rand(1, 1, *{GRID_1MM!r}, device=dev); m = (x > 0.3).float(); y = torch.tensor([1], device=dev)
+x = torch.rand({batch}, 1, *{GRID_1MM!r}, device=dev); m = (x > 0.3).float(); y = torch.arange({batch}, device=dev) % 2
 base = hwm()
 logits, inside, _ = masked_relevance(model, x, m)
 (F.cross_entropy(logits, y) - inside.mean()).backward(); opt.step()
@@ -133,7 +162,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-1mm", action="store_true", help="skip the 1 mm peak-memory measurement")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the plain and Graz+ steps through torch.compile")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -150,24 +180,25 @@ def main(argv=None):
     theirs = naive_masked_relevance(model, x.clone(), mask)[1].detach()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
-    results = {}
-    compile_ok = not args.no_compile
-    steps = make_steps(model, x, mask, y, compile_fns=compile_ok)
-    for name, fn in steps.items():
-        try:
-            results[name] = timed(fn, args.repeats, sync)
-        except Exception as err:  # e.g. no C++ compiler for torch.compile
-            print(f"{name}: failed ({str(err).splitlines()[0][:120]})", file=sys.stderr)
-    plain = results["plain"]
+    steps = make_steps(model, x, mask, y, compile_fns=args.compile)
+    results, first = timed_interleaved(steps, args.repeats, sync)
+    plain = min(results["plain"], results["plain_channels_last"])
+    reference = "plain" if results["plain"] <= results["plain_channels_last"] else "plain_channels_last"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-    print(f"grid {GRID_2MM}, batch 2, Graz+ architecture; min of {args.repeats} repeats")
+    if device.type == "cpu":
+        print(f"load average before/after: {LOAD_BEFORE} / {os.getloadavg()[0]:.2f} (other jobs on this machine)")
+    print(f"grid {GRID_2MM}, batch 2, Graz+ architecture; min of {args.repeats} interleaved repeats; "
+          f"reference: {reference} (the fastest plain step)")
     for name, seconds in results.items():
-        print(f"  {name:<18} {seconds:8.3f} s   {seconds / plain:5.2f}x plain")
+        extra = f"   first call {first[name]:.1f} s (compilation)" if name.endswith("_compiled") else ""
+        print(f"  {name:<20} {seconds:8.3f} s   {seconds / plain:5.2f}x fastest plain{extra}")
     summary = {
         "device": str(device),
-        "plain_step_s": round(plain, 4),
+        "reference": reference,
+        "plain_step_s": round(results["plain"], 4),
+        "plain_channels_last_step_s": round(results["plain_channels_last"], 4),
         "grazplus_step_s": round(results["grazplus"], 4),
         "step_ratio": round(results["grazplus"] / plain, 3),
         "naive_step_ratio": round(results["naive"] / plain, 3),
@@ -177,14 +208,16 @@ def main(argv=None):
     if "grazplus_compiled" in results:
         summary["grazplus_compiled_step_s"] = round(results["grazplus_compiled"], 4)
         summary["compiled_step_ratio"] = round(results["grazplus_compiled"] / plain, 3)
-        summary["compiled_step_ratio_vs_compiled_plain"] = round(results["grazplus_compiled"] / results["plain_compiled"], 3)
+        summary["compile_s"] = round(first["grazplus_compiled"], 1)
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if not args.skip_1mm:
-        peak, base = peak_memory_1mm(args.device)
         key = "peak_gpu_mb_1mm" if device.type == "cuda" else "peak_rss_mb_1mm"
-        summary[key] = round(peak, 1)
-        summary["rss_before_step_mb_1mm"] = round(base, 1)
-        print(f"one Graz+ step at 1 mm {GRID_1MM}, batch 1: peak {peak:.0f} MB (process before the step: {base:.0f} MB)")
+        for batch in (1, 2):
+            peak, base = peak_memory_1mm(args.device, batch)
+            summary[f"{key}_batch{batch}"] = round(peak, 1)
+            summary[f"before_step_mb_1mm_batch{batch}"] = round(base, 1)
+            print(f"one Graz+ step at 1 mm {GRID_1MM}, batch {batch}: peak {peak:.0f} MB "
+                  f"(process before the step: {base:.0f} MB)")
     print(json.dumps(summary))
 
 

@@ -4,6 +4,7 @@ Usable from Python without the BIDS layer::
 
     from grazbids.engine import Architecture, build_model, zplus_heatmap
 """
+from .cohort_cache import CohortCache, CohortCacheError, build_cohort_cache
 from .bundle import ModelBundleError, load_bundle, read_card, save_bundle
 from .data import balanced_accuracy, class_weights, encode_labels, participant_folds
 from .device import resolve_device
@@ -19,6 +20,7 @@ __all__ = [
     "zplus_heatmap", "masked_relevance", "start_relevance",
     "MODES", "compute_loss",
     "Trainer", "TrainSettings", "TrainingData", "FitResult",
+    "CohortCache", "CohortCacheError", "build_cohort_cache",
     "save_bundle", "load_bundle", "read_card", "ModelBundleError",
     "IntensityNormalisation", "encode_labels", "class_weights", "participant_folds",
     "balanced_accuracy", "resolve_device",

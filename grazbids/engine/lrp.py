@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import zplus_conv
+
 Target = str | int | torch.Tensor
 
 
@@ -117,13 +119,31 @@ def _flatten_if_dense(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return a.flatten(1) if isinstance(layer, nn.Linear) and a.dim() > 2 else a
 
 
+def _is_hidden_conv(layers: list[nn.Module], i: int) -> bool:
+    """Conv layers followed by a ReLU take the fused channels-last path (zplus_conv.py)."""
+    return isinstance(layers[i], nn.Conv3d) and i < len(layers) - 1
+
+
+def _needs_graph(model: nn.Module, *tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or any(p.requires_grad for p in model.parameters()))
+
+
 def zplus_heatmap(model: nn.Module, x: torch.Tensor, target: Target = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
     """z+ relevance map shaped like ``x`` and the logits.
 
-    Differentiable with respect to the weights and the input. For inference, call it
-    under ``torch.inference_mode()``.
+    Differentiable with respect to the weights and the input. Under
+    ``torch.inference_mode()`` / ``torch.no_grad()`` it takes a fused no-grad path (same
+    map, about half the time); use that for inference.
     """
     layers = _weighted_layers(model)
+    if _needs_graph(model, x):
+        return _zplus_heatmap_autograd(layers, x, target)
+    return _zplus_heatmap_nograd(layers, x, target)
+
+
+def _zplus_heatmap_autograd(layers, x, target):
+    """The map with plain differentiable torch ops (the reference for every gradient)."""
     inputs, zs = [], []
     a = x
     for i, layer in enumerate(layers):
@@ -140,6 +160,40 @@ def zplus_heatmap(model: nn.Module, x: torch.Tensor, target: Target = "softmax")
     return relevance.reshape(x.shape), logits
 
 
+def _zplus_heatmap_nograd(layers, x, target):
+    """The map without autograd: hidden conv layers keep only r = a' / Z (zplus_conv.py),
+    so the backward sweep is one transposed convolution and one in-place product per layer:
+    ``s_l = R_l / Z_l = (W+^T s_{l+1}) * r_l``."""
+    inputs, ratios = [], []  # per layer: its input; r of its output (None for dense/last)
+    a = x
+    for i, layer in enumerate(layers):
+        a = _flatten_if_dense(layer, a)
+        inputs.append(a)
+        if _is_hidden_conv(layers, i):
+            a, r = zplus_conv.heatmap_forward(layer, a)
+            ratios.append(r)
+            continue
+        pre, z = _forward_pair(layer, a)
+        ratios.append(None)
+        zs_last = z
+        a = torch.relu(pre) if i < len(layers) - 1 else pre
+        if i < len(layers) - 1:
+            ratios[-1] = a / stabilised(z)
+    logits = a
+    s = start_relevance(logits, target) / stabilised(zs_last)  # R / Z at the output layer
+    for i in range(len(layers) - 1, -1, -1):
+        layer, a_in = layers[i], inputs[i]
+        r_in = ratios[i - 1] if i > 0 else None
+        if ratios[i] is not None:  # hidden layer: s arrives flat from a dense layer above
+            s = s.reshape(ratios[i].shape)
+        if isinstance(layer, nn.Conv3d):
+            s = zplus_conv.heatmap_backward(layer, s, r_in, a_in)
+        else:
+            c = s @ layer.weight.clamp(min=0)
+            s = c * (r_in.reshape(c.shape) if r_in is not None else a_in)
+    return s.reshape(x.shape), logits
+
+
 def _per_mask(t: torch.Tensor, n_masks: int) -> torch.Tensor:
     """Repeat each sample's tensor once per mask (matching the sample-major mask stack)."""
     return t.repeat_interleave(n_masks, dim=0) if n_masks > 1 else t
@@ -152,6 +206,9 @@ def masked_relevance(
 
     ``R`` is the z+ map of ``zplus_heatmap``; ``mask`` broadcasts against ``x``. A mask
     with K > 1 channels (N, K, D, H, W) gives ``sum(mask_k * R)`` for each: shape (N, K).
+    Hidden conv layers run as fused channels-last steps with a hand-written backward
+    (``zplus_conv.MaskedConvStep``; first-order gradients only), the dense head with
+    plain torch ops.
     """
     layers = _weighted_layers(model)
     n_masks = mask.shape[1] if mask.dim() == x.dim() else 1
@@ -160,6 +217,9 @@ def masked_relevance(
     # masks ride along the batch dimension (sample-major) through the same layers
     inside = (x * mask).reshape(x.shape[0] * n_masks, 1, *x.shape[2:]) if n_masks > 1 else x * mask
     for i, layer in enumerate(layers):
+        if _is_hidden_conv(layers, i):
+            a, inside = zplus_conv.masked_conv_step(layer, a, inside, n_masks)
+            continue
         a = _flatten_if_dense(layer, a)
         inside = _flatten_if_dense(layer, inside)
         pre, z = _forward_pair(layer, a)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..utils.atomic import atomic_path, write_text
+from .cohort_cache import CohortCache, iterate_batches
 from .data import balanced_accuracy, class_weights
 from .device import resolve_device
 from .losses import check_mode, check_mode_for_architecture, compute_loss
@@ -52,10 +53,13 @@ class TrainSettings:
     device: str = "auto"
     compile: bool = False  # torch.compile the loss (faster; falls back to eager on failure)
     progress: bool = True
+    data_workers: int = 2  # DataLoader processes reading ahead from a CohortCache (0: in this process)
 
     def fingerprint(self, train_index: np.ndarray) -> str:
-        """What must match for a checkpoint to be resumable (everything but epochs/progress)."""
-        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device", "compile")}
+        """What must match for a checkpoint to be resumable (not epochs, progress, device,
+        compile or data_workers: none of them changes the result)."""
+        keys = {k: v for k, v in asdict(self).items()
+                if k not in ("epochs", "progress", "device", "compile", "data_workers")}
         keys["train_index"] = np.asarray(train_index).tolist()
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -207,12 +211,14 @@ class Trainer:
         model.train(train)
         stats = {"loss": 0.0, "ce": 0.0, "fraction": [], "pred": [], "true": [], "prob": [], "inside": []}
         global_batches = list(_batches(index, s.batch_size * world))
+        my_batches = [b[rank * s.batch_size:(rank + 1) * s.batch_size] for b in global_batches]
+        # a CohortCache streams from disk through DataLoader workers; TrainingData is indexed
+        reads = iterate_batches(data, my_batches, s.data_workers, pin_memory=self.device.type == "cuda")
         bar = tqdm(global_batches, desc=desc, leave=False, disable=not s.progress or rank != 0, unit="batch")
-        for step, global_batch in enumerate(bar):
-            batch = global_batch[rank * s.batch_size:(rank + 1) * s.batch_size]
-            x = data.images[batch].to(self.device)
-            m = data.masks[batch].to(self.device)
-            y = data.labels[batch].to(self.device)
+        for step, (global_batch, batch, (x, m, y)) in enumerate(zip(bar, my_batches, reads)):
+            x = x.to(self.device, non_blocking=True)
+            m = m.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
             w = weights[y]
             group_start = step - step % s.accumulation_steps
             group_size = min(s.accumulation_steps, len(global_batches) - group_start)
@@ -251,7 +257,9 @@ class Trainer:
         }
 
     # ---- public ------------------------------------------------------------------
-    def fit(self, data: TrainingData, train_index, val_index=None) -> FitResult:
+    def fit(self, data: TrainingData | CohortCache, train_index, val_index=None) -> FitResult:
+        """``data``: in memory (``TrainingData``) or streamed from disk (``CohortCache``);
+        both give bit-identical results."""
         s = self.settings
         train_index = np.asarray(train_index)
         val_index = np.asarray(val_index) if val_index is not None and len(val_index) else None
