@@ -13,3 +13,15 @@ def real_bids_dir():
     if not (REAL_BIDS / "dataset_description.json").exists():
         pytest.skip(f"real dataset not found at {REAL_BIDS}")
     return REAL_BIDS
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped with a reason where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none available here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

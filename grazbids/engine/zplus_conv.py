@@ -52,9 +52,12 @@ def stacked_weights(layer: nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor, torch
     return wp, both, bias
 
 
-def stabilise_(z: torch.Tensor) -> torch.Tensor:
-    """z with its zeros replaced by ones, in place (a z+ denominator; see lrp.stabilised)."""
-    return z.masked_fill_(z == 0, 1.0)
+def ratio_into_(out: torch.Tensor, a_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """r = a' / z written into ``out``, 0 where z == 0 (there a' == 0 too, and 0/0 -> 0).
+
+    In place, because on CPU a fresh full-resolution tensor costs page faults that take
+    longer than the division itself."""
+    return torch.div(a_out, z, out=out).nan_to_num_(nan=0.0)
 
 
 def forward_pair(layer: nn.Conv3d, a: torch.Tensor, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +81,7 @@ def heatmap_forward(layer: nn.Conv3d, a: torch.Tensor) -> tuple[torch.Tensor, to
     """No-grad forward of a hidden conv layer: (a', r)."""
     p, z = forward_pair(layer, a)
     a_out = torch.relu(p)
-    return a_out, a_out / stabilise_(z)
+    return a_out, ratio_into_(p, a_out, z)
 
 
 def heatmap_backward(layer: nn.Conv3d, s: torch.Tensor, r_in: torch.Tensor | None, a_in: torch.Tensor) -> torch.Tensor:
@@ -91,11 +94,13 @@ def heatmap_backward(layer: nn.Conv3d, s: torch.Tensor, r_in: torch.Tensor | Non
 class MaskedConvStep(torch.autograd.Function):
     """(a, u) -> (a', u') of one hidden conv layer, with a hand-written backward.
 
-    ``Z`` is stabilised in place (zeros -> 1: there ``a' = 0``, so ``r = 0`` either way)
-    so that nothing below divides by zero. Gradients (K masks share ``a``, so their
-    terms are summed; ``t = gr / Z``)::
+    Where ``Z == 0``, ``a' = 0`` (biases <= 0), so ``r`` and every term below are 0 there.
+    On ``a' > 0``, ``V / Z = u' / a'`` (as ``u' = V a' / Z``), so the backward keeps
+    neither ``V`` nor ``Z``: only ``r`` and the outputs, which the next layer keeps anyway.
+    Gradients (K masks share ``a``, so their terms are summed)::
 
-        gr = sum_K gu' * V;      gV = gu' * r
+        t  = sum_K gu' * u' / a'  (= gr / Z with gr = sum_K gu' * V; 0 where a' == 0)
+        gV = gu' * r
         gP = relu'(P) * (ga' + t);   gZ = -t * r
         [ga, g[W;-W+], gb] = conv backward of [gP; -gZ] w.r.t. (a, [W; -W+], [b; 0])
         [gu, gW+_V]        = conv backward of gV w.r.t. (u, W+)
@@ -115,10 +120,11 @@ class MaskedConvStep(torch.autograd.Function):
                       stride, padding)
         p, z = pz.split(c, dim=1)
         a_out = torch.relu(p)
-        r = a_out / stabilise_(z)
+        r = ratio_into_(p, a_out, z)  # P is not needed any more: r takes its place
         v = F.conv3d(u, to_channels_last(wp), None, stride, padding)
-        u_out = _per_mask_mul(v, r, n_masks)
-        ctx.save_for_backward(a, u, weight, a_out, z, r, v)
+        u_out = _per_mask_mul_(v, r, n_masks)
+        # the backward needs neither Z nor V: on a' > 0, V / Z = u' / a' (see the class notes)
+        ctx.save_for_backward(a, u, weight, a_out, r, u_out)
         ctx.conv = (tuple(stride), tuple(padding))
         ctx.n_masks = n_masks
         return a_out, u_out
@@ -126,19 +132,22 @@ class MaskedConvStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_a_out, g_u_out):
-        a, u, weight, a_out, z, r, v = ctx.saved_tensors
+        a, u, weight, a_out, r, u_out = ctx.saved_tensors
         stride, padding = ctx.conv
         k, c = ctx.n_masks, weight.shape[0]
-        g_r = g_u_out * v
-        if k > 1:
-            g_r = g_r.unflatten(0, (-1, k)).sum(dim=1)
-        g_v = _per_mask_mul(g_u_out, r, k)
-        t = g_r.div_(z)
         grads = torch.empty((a_out.shape[0], 2 * c, *a_out.shape[2:]), dtype=a_out.dtype, device=a_out.device,
                             memory_format=CHANNELS_LAST)
         g_p, g_z_neg = grads.split(c, dim=1)
+        # every step writes into the gradient buffer: fresh full-resolution tensors cost
+        # page faults that take longer than the arithmetic
+        if k > 1:
+            g_p.copy_((g_u_out * u_out).unflatten(0, (-1, k)).sum(dim=1))
+        else:
+            torch.mul(g_u_out, u_out, out=g_p)
+        t = g_p.div_(a_out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # = gr / Z on a' > 0, else 0
         torch.mul(t, r, out=g_z_neg)
         torch.ops.aten.threshold_backward.grad_input(t.add_(g_a_out), a_out, 0, grad_input=g_p)
+        g_v = _per_mask_mul(g_u_out, r, k)
         wp = weight.clamp(min=0)
         need_a, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_a, g_both, g_bias2 = torch.ops.aten.convolution_backward(
@@ -156,6 +165,14 @@ def _per_mask_mul(t: torch.Tensor, r: torch.Tensor, n_masks: int) -> torch.Tenso
     if n_masks == 1:
         return t * r
     return (t.unflatten(0, (-1, n_masks)) * r.unsqueeze(1)).flatten(0, 1)
+
+
+def _per_mask_mul_(t: torch.Tensor, r: torch.Tensor, n_masks: int) -> torch.Tensor:
+    """In-place ``_per_mask_mul`` (t is a fresh convolution output)."""
+    if n_masks == 1:
+        return t.mul_(r)
+    t.unflatten(0, (-1, n_masks)).mul_(r.unsqueeze(1))
+    return t
 
 
 def masked_conv_step(layer: nn.Conv3d, a: torch.Tensor, u: torch.Tensor, n_masks: int):
