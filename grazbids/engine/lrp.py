@@ -207,17 +207,21 @@ def masked_relevance(
     ``R`` is the z+ map of ``zplus_heatmap``; ``mask`` broadcasts against ``x``. A mask
     with K > 1 channels (N, K, D, H, W) gives ``sum(mask_k * R)`` for each: shape (N, K).
     Hidden conv layers run as fused channels-last steps with a hand-written backward
-    (``zplus_conv.MaskedConvStep``; first-order gradients only), the dense head with
-    plain torch ops.
+    (``zplus_conv.MaskedConvStep``: first-order gradients with respect to the weights),
+    the dense head with plain torch ops. When ``x`` requires grad, every layer uses plain
+    torch ops instead, so input gradients can be differentiated again (same values).
     """
     layers = _weighted_layers(model)
     n_masks = mask.shape[1] if mask.dim() == x.dim() else 1
+    # the fused steps are first-order only; an input that requires grad (e.g. for an
+    # input-gradient penalty, differentiated twice) takes the plain autograd ops
+    fused = not (torch.is_grad_enabled() and x.requires_grad)
     a = x
     # the part of each activation whose z+ evidence comes from inside each mask; the K
     # masks ride along the batch dimension (sample-major) through the same layers
     inside = (x * mask).reshape(x.shape[0] * n_masks, 1, *x.shape[2:]) if n_masks > 1 else x * mask
     for i, layer in enumerate(layers):
-        if _is_hidden_conv(layers, i):
+        if fused and _is_hidden_conv(layers, i):
             a, inside = zplus_conv.masked_conv_step(layer, a, inside, n_masks)
             continue
         a = _flatten_if_dense(layer, a)
