@@ -94,3 +94,35 @@ def test_build_refuses_bad_samples_and_leaves_nothing(tmp_path):
     with pytest.raises(CohortCacheError, match="non-negative"):
         build_cohort_cache(tmp_path / "cache", data.labels.tolist(), 2, negative)
     assert list(tmp_path.iterdir()) == []  # no half-written cache, no temporary folder
+
+
+def test_group_load_cohort_streams_the_same_data(tmp_path):
+    """The group level's load_cohort through a cache equals the in-memory cohort; a second
+    call reuses the cache; a grid mismatch is a clear GroupInputError."""
+    import nibabel as nib
+
+    from grazbids.group.cohort import GroupInputError, Sample, load_cohort
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(4):
+        image = rng.gamma(2.0, 100.0, size=(9, 8, 7)).astype(np.float32)
+        mask = np.zeros((9, 8, 7), np.float32)
+        mask[2:7, 2:6, 2:5] = 1
+        paths = [tmp_path / f"sub-{k}_T1w.nii.gz", tmp_path / f"sub-{k}_mask.nii.gz"]
+        for path, volume in zip(paths, (image, mask)):
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+        samples.append(Sample(f"{k}", None, paths[0], paths[1], "ab"[k % 2]))
+    memory, classes, affine = load_cohort(samples)
+    cached, classes_c, affine_c = load_cohort(samples, cache_dir=tmp_path / "work" / "data")
+    assert isinstance(cached, CohortCache) and classes == classes_c
+    np.testing.assert_array_equal(affine, affine_c)
+    assert torch.equal(cached.images[:], memory.images) and torch.equal(cached.masks[:], memory.masks)
+    assert torch.equal(cached.labels, memory.labels)
+    stamp = (tmp_path / "work" / "data" / "images.npy").stat().st_mtime_ns
+    load_cohort(samples, cache_dir=tmp_path / "work" / "data")
+    assert (tmp_path / "work" / "data" / "images.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), str(samples[2].image))
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), str(samples[2].mask))
+    with pytest.raises(GroupInputError, match="different grids"):
+        load_cohort(samples, cache_dir=tmp_path / "work2" / "data")
