@@ -43,13 +43,10 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=CHANNELS_LAST)
 
 
-def stacked_weights(layer: nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W+, [W; W+], [b; 0]): one convolution gives P and Z."""
-    w = layer.weight
-    wp = w.clamp(min=0)
-    both = to_channels_last(torch.cat([w, wp]))
-    bias = torch.cat([layer.bias, torch.zeros_like(layer.bias)])
-    return wp, both, bias
+def stacked_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W+, [W; W+] channels-last, [b; 0]): one convolution gives P and Z."""
+    wp = weight.clamp(min=0)
+    return wp, to_channels_last(torch.cat([weight, wp])), torch.cat([bias, torch.zeros_like(bias)])
 
 
 def ratio_into_(out: torch.Tensor, a_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -60,9 +57,9 @@ def ratio_into_(out: torch.Tensor, a_out: torch.Tensor, z: torch.Tensor) -> torc
     return torch.div(a_out, z, out=out).nan_to_num_(nan=0.0)
 
 
-def forward_pair(layer: nn.Conv3d, a: torch.Tensor, weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_pair(layer: nn.Conv3d, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """P = W a + b and Z = W+ a from one channels-last convolution (views of one buffer)."""
-    _, both, bias = weights or stacked_weights(layer)
+    _, both, bias = stacked_weights(layer.weight, layer.bias)
     pz = F.conv3d(to_channels_last(a), both, bias, layer.stride, layer.padding)
     return pz.split(layer.out_channels, dim=1)
 
@@ -114,10 +111,9 @@ class MaskedConvStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, u, weight, bias, stride, padding, n_masks):
         c = weight.shape[0]
-        wp = weight.clamp(min=0)
+        wp, both, bias2 = stacked_weights(weight, bias)
         a, u = to_channels_last(a), to_channels_last(u)
-        pz = F.conv3d(a, to_channels_last(torch.cat([weight, wp])), torch.cat([bias, torch.zeros_like(bias)]),
-                      stride, padding)
+        pz = F.conv3d(a, both, bias2, stride, padding)
         p, z = pz.split(c, dim=1)
         a_out = torch.relu(p)
         r = ratio_into_(p, a_out, z)  # P is not needed any more: r takes its place
