@@ -24,7 +24,7 @@ DEFAULT_EPOCHS = 60  # as in Graz+ (Tinauer et al. 2022)
 DEFAULT_SEED = 42  # as in Graz+
 DEFAULT_PLUGIN = "MultiProc"
 # grazbids.explain.METHODS except zplus (always written with --model); a test keeps them equal
-EXPLAIN_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite", "gradcam",
+EXPLAIN_METHODS = ("contrastive", "epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite", "gradcam",
                    "guided_backprop", "gradient", "gradient_x_input", "integrated_gradients",
                    "meaningful_perturbation")
 

@@ -155,7 +155,22 @@ def _prediction(path: str) -> str:
                      if c.startswith("probability_")]
     rows = [("Predicted class", Raw(f"<strong>{escape(row['predicted_label'])}</strong>"))]
     rows += [(f"P({name})", probability_bar(p)) for name, p in probabilities]
-    return key_value_table(rows)
+    fills = {"outside_zero": "the outside of the brain set to 0",
+             "outside_mean": "the outside of the brain set to the training mean image"}
+    warnings = []
+    for region, what in fills.items():  # decision dependence (grazbids.explain.dependence)
+        if f"flip_{region}" in table:
+            flipped = row[f"flip_{region}"] == "1"
+            change = float(row[f"prob_change_{region}"])
+            rows.append((f"With {what}", f"{'decision flips' if flipped else 'same decision'} "
+                                         f"(P(predicted) {change:+.3f})"))
+            if flipped:
+                warnings.append(what)
+    out = key_value_table(rows)
+    if warnings:
+        out += paragraph("Warning: this decision changes with " + " and with ".join(warnings) + ": it rests on "
+                         "what lies outside the brain, whatever the heat map shows.", "warn")
+    return out
 
 
 def _relevance(outputs: T1wOutputs, heatmap: str, title: str = "z+ relevance") -> str:
