@@ -15,6 +15,7 @@ DEFAULT_TEMPLATE = "MNI152NLin2009aSym"  # shipped with grazbids: no TemplateFlo
 RESOLUTIONS = (1, 2)  # TemplateFlow res- index: 1 = 1 mm, 2 = 2 mm
 DEFAULT_RESOLUTION = 2
 REGISTRATIONS = ("rigid", "affine", "nonlinear")
+SKULL_STRIP_MODES = ("auto", "force", "skip")
 DEFAULT_REGISTRATION = "affine"
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("plain", "masked", "grazplus")
@@ -51,6 +52,7 @@ class RunConfig:
     template: str = DEFAULT_TEMPLATE
     resolution: int = DEFAULT_RESOLUTION
     registration: str = DEFAULT_REGISTRATION
+    skull_strip: str = "auto"
     # deep learning
     device: str = "auto"
     model_dir: Path | None = None
