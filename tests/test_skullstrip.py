@@ -207,3 +207,32 @@ def test_participant_workflow_on_a_real_head(tmp_path):
         assert (anat / f"sub-{sub}_space-{TPL}_res-2_label-{tissue}_probseg.nii.gz").exists()
     report = (out / f"sub-{sub}.html").read_text()
     assert "Brain mask and tissue segmentation" in report and "below 0.94" not in report
+
+
+# ----------------------------------------------------------------------- report
+def test_report_shows_extraction_and_segmentation_on_a_sagittal_head(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from report_helpers import write_participant_outputs
+
+    from grazbids.reports import discover_t1w_outputs, render_t1w_section
+    from grazbids.reports.brain_figures import axial_cuts
+
+    out = tmp_path / "out"
+    write_participant_outputs(out, with_model=False)
+    head, brain, dseg = synthetic_head(shape=(30, 36, 30))
+    # stored P-S-R like the IXI heads: voxel axes are (posterior, superior, right)
+    psr = np.array([[0, 0, 4.0, -60], [-4.0, 0, 0, 70], [0, 4.0, 0, -60], [0, 0, 0, 1]])
+    files = {}
+    for name, data, dtype in (("t1w", head, np.float32), ("mask", brain, np.uint8), ("dseg", dseg, np.uint8)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nb.save(nb.Nifti1Image(data.astype(dtype), psr), files[name])
+    cuts = axial_cuts(str(files["mask"]))
+    assert len(set(np.round(cuts, 3))) == len(cuts)  # distinct world z, not one voxel plane
+    outputs = discover_t1w_outputs(out, "sub-01")[0]
+    outputs.t1w_native, outputs.brain_mask_native = str(files["t1w"]), str(files["mask"])
+    outputs.dseg_native, outputs.template_mask = str(files["dseg"]), outputs.brain_mask
+    html = render_t1w_section(outputs, out)
+    assert "<h3>Brain mask and tissue segmentation (native space)</h3>" in html
+    assert html.count("data:image/png;base64,") == 4  # extraction, segmentation, registration, input
