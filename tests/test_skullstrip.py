@@ -236,3 +236,14 @@ def test_report_shows_extraction_and_segmentation_on_a_sagittal_head(tmp_path):
     html = render_t1w_section(outputs, out)
     assert "<h3>Brain mask and tissue segmentation (native space)</h3>" in html
     assert html.count("data:image/png;base64,") == 4  # extraction, segmentation, registration, input
+
+
+def test_deepbet_on_a_mostly_background_image_fails_naming_the_file(tmp_path):
+    """A 120x120x90 field of view at 2 mm that is empty but for a 2.4 cm cube of noise."""
+    data = np.zeros((120, 120, 90), np.float32)
+    data[50:62, 50:62, 40:52] = np.random.default_rng(0).uniform(20, 200, (12, 12, 12))
+    path = _save(tmp_path / "sub-bg_T1w.nii.gz", data, zoom=2.0)
+    with pytest.raises(BrainExtractionError, match="sub-bg_T1w.nii.gz: brain extraction") as err:
+        BrainExtraction(in_file=path, source_file=path).run(cwd=str(tmp_path))
+    assert "no brain" in str(err.value) or "not a plausible brain" in str(err.value)
+    assert not list(tmp_path.glob("brain_mask*"))  # nothing half-written
