@@ -171,6 +171,7 @@ def _expected_names():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # with the Atropos segmentation at 0.87 mm: > 60 s on 2 shared cores
 def test_sub01_affine_res2_end_to_end(real_bids_dir, tmp_path):
     source = real_bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     output_dir, work_dir = tmp_path / "out", tmp_path / "work"

@@ -247,3 +247,23 @@ def test_deepbet_on_a_mostly_background_image_fails_naming_the_file(tmp_path):
         BrainExtraction(in_file=path, source_file=path).run(cwd=str(tmp_path))
     assert "no brain" in str(err.value) or "not a plausible brain" in str(err.value)
     assert not list(tmp_path.glob("brain_mask*"))  # nothing half-written
+
+
+# ----------------------------------------------------------------------- --input-image
+def test_network_input_masks_heads_only_for_brain_input(tmp_path):
+    from grazbids.utils.input_image import is_skull_stripped, network_input
+
+    image = np.arange(27, dtype=np.float32).reshape(3, 3, 3) + 1
+    mask = np.zeros((3, 3, 3))
+    mask[1] = 1
+    brain = network_input(image, mask, input_image="brain", skull_stripped=False)
+    assert np.all(brain[1] == image[1]) and not brain[0].any() and not brain[2].any()
+    assert np.array_equal(network_input(image, mask, input_image="head", skull_stripped=False), image)
+    # an already brain-extracted image is never cut by the (template's) mask
+    assert np.array_equal(network_input(image, mask, input_image="brain", skull_stripped=True), image)
+    with pytest.raises(ValueError, match="input_image"):
+        network_input(image, mask, input_image="skull", skull_stripped=False)
+    t1w = tmp_path / "sub-01_desc-preproc_T1w.nii.gz"
+    assert is_skull_stripped(t1w)  # no sidecar: outputs from before heads were supported
+    t1w.with_name("sub-01_desc-preproc_T1w.json").write_text(json.dumps({"SkullStripped": False}))
+    assert not is_skull_stripped(t1w)
