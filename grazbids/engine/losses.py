@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lrp import masked_relevance, safe_divide
-
-MODES = ("plain", "masked", "grazplus")
+from .modes import MODES, model_input
 GUIDANCE_LOSSES = ("additive", "ratio")
 
 
@@ -84,7 +83,7 @@ def compute_loss(
     if guidance_loss not in GUIDANCE_LOSSES:
         raise ValueError(f"unknown guidance loss {guidance_loss!r}; choose one of {', '.join(GUIDANCE_LOSSES)}")
     brain = mask[:, :1]
-    inputs = x * brain if mode == "masked" else x
+    inputs = model_input(x, mask, mode)
     if mode == "grazplus" and (mask.shape[1] > 1 or guidance_loss == "ratio"):
         # brain and guidance mask (the brain twice without guidance) in one sweep
         guidance = mask[:, 1:2] if mask.shape[1] > 1 else brain

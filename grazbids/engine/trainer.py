@@ -27,7 +27,9 @@ from ..utils.atomic import atomic_path, write_text
 from .data import balanced_accuracy, class_weights
 from .device import resolve_device
 from .losses import check_mode, check_mode_for_architecture, compute_loss
-from .model import Architecture, GrazPlusNet, build_model
+from .architectures import build_model
+from .model import Architecture, GrazPlusNet
+from .modes import model_input
 
 LOG = logging.getLogger("grazbids.engine")
 
@@ -324,7 +326,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         index = train_index[:n]
-        x = data.images[index] * (data.masks[index, :1] if self.settings.mode == "masked" else 1)
+        x = model_input(data.images[index], data.masks[index], self.settings.mode)
         with torch.inference_mode():
             logits = model(x.to(self.device))
         model.train(was_training)
