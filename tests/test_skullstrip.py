@@ -267,3 +267,22 @@ def test_network_input_masks_heads_only_for_brain_input(tmp_path):
     assert is_skull_stripped(t1w)  # no sidecar: outputs from before heads were supported
     t1w.with_name("sub-01_desc-preproc_T1w.json").write_text(json.dumps({"SkullStripped": False}))
     assert not is_skull_stripped(t1w)
+
+
+def test_group_cohort_masks_heads_for_brain_input_only(tmp_path):
+    from grazbids.group.cohort import Sample, load_cohort
+
+    head, brain, _ = synthetic_head()
+    samples = []
+    for k, (label, stripped) in enumerate((("a", False), ("b", False), ("c", True))):
+        image = _save(tmp_path / f"sub-{k}_desc-preproc_T1w.nii.gz", head if not stripped else head * brain)
+        Path(image.replace(".nii.gz", ".json")).write_text(json.dumps({"SkullStripped": stripped}))
+        mask = _save(tmp_path / f"sub-{k}_desc-brain_mask.nii.gz", brain, dtype=np.uint8)
+        samples.append(Sample(str(k), None, Path(image), Path(mask), label))
+    as_brain, _, _ = load_cohort(samples, input_image="brain")
+    as_head, _, _ = load_cohort(samples, input_image="head")
+    outside = ~brain
+    assert not as_brain.images[0, 0].numpy()[outside].any()  # the head was cut to its brain
+    assert as_head.images[0, 0].numpy()[outside].any()  # the network sees the skull
+    assert np.array_equal(as_brain.images[2], as_head.images[2])  # a stripped image is left as is
+    assert np.array_equal(as_brain.masks.numpy(), as_head.masks.numpy())  # Graz+ mask: the brain either way
