@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 if source == "n4":
                     path = n4_correct(path, str(tmp / "stripped_n4.nii.gz"))
                 mask, wall, cpu = _timed(extract_brain, nb.load(path))
-                row = dict(participant=str(args.stripped.name), method=method,
+                row = dict(participant=str(args.stripped.name), method=method, stripped_input=True,
                            dice=round(dice(mask, brain), 4),
                            brain_removed_share=round(float((brain & ~mask).sum() / brain.sum()), 4),
                            volume_ml=round(volume_ml(mask, img), 1),
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     summary = {}
-    for method in dict.fromkeys(r["method"] for r in rows if r["participant"].startswith("sub-")):
-        values = [r for r in rows if r["method"] == method and r["participant"].startswith("sub-")]
+    heads = [r for r in rows if not r.get("stripped_input")]
+    for method in dict.fromkeys(r["method"] for r in heads):
+        values = [r for r in heads if r["method"] == method]
         for key in ("dice", "wall_s", "cpu_s"):
             v = np.array([r[key] for r in values])
             summary.setdefault(method, {})[key] = [float(v.min()), float(np.median(v)), float(v.max())]
