@@ -50,6 +50,8 @@ class TrainSettings:
     relevance_weight: float = 1.0
     guidance_loss: str = "additive"  # relevance term: Graz+ "additive" or Šefčík's "ratio" (CE / M^p)
     guidance_power: float = 1.0  # p of the ratio loss
+    outside_penalty: str = "none"  # grazbids.engine.guidance: "invariance" or "gradient" (outside the brain)
+    outside_penalty_weight: float = 1.0
     seed: int = 42
     device: str = "auto"
     compile: bool = False  # torch.compile the loss (faster; falls back to eager on failure)
@@ -58,6 +60,8 @@ class TrainSettings:
     def fingerprint(self, train_index: np.ndarray) -> str:
         """What must match for a checkpoint to be resumable (everything but epochs/progress)."""
         keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device", "compile")}
+        if keys["outside_penalty"] == "none":  # checkpoints written before the option still resume
+            del keys["outside_penalty"], keys["outside_penalty_weight"]
         keys["train_index"] = np.asarray(train_index).tolist()
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -182,7 +186,8 @@ class Trainer:
 
         def loss(x, mask, y, w):
             out = compute_loss(model, x, mask, y, w, s.mode, s.relevance_weight,
-                               guidance_loss=s.guidance_loss, guidance_power=s.guidance_power)
+                               guidance_loss=s.guidance_loss, guidance_power=s.guidance_power,
+                               outside_penalty=s.outside_penalty, outside_penalty_weight=s.outside_penalty_weight)
             return out.loss, out.logits, out.ce, out.relevance_inside, out.relevance_total
 
         if not s.compile:

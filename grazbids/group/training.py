@@ -288,6 +288,7 @@ def model_card(settings: GroupSettings, mode: str, cohort: Cohort, arch: Archite
             "batch_size": final.batch_size, "accumulation_steps": final.accumulation_steps,
             "relevance_weight": final.relevance_weight, "class_weights": "inverse frequency",
             "guidance_loss": final.guidance_loss, "guidance_power": final.guidance_power,
+            "outside_penalty": final.outside_penalty, "outside_penalty_weight": final.outside_penalty_weight,
             "collapsed_epoch": collapsed_epoch,  # not None: a dead network (constant output)
             "epoch_rule": "median over CV folds of the epoch with the best validation balanced accuracy "
                           "(ties: higher relevance inside the mask, then later epoch)",
