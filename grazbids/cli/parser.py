@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                        default=cfg.DEFAULT_REGISTRATION,
                        help="T1w-to-template registration (ANTs): rigid 6 dof, affine 12 dof, "
                             "or nonlinear (SyN after affine) (default: %(default)s)")
+    space.add_argument("--input-image", choices=cfg.INPUT_IMAGES, default="brain",
+                       help="group level: what the network sees of a raw head in template space: the "
+                            "extracted brain or the whole (bias-corrected) head; the Graz+ relevance mask "
+                            "is the brain mask either way. Brain-extracted inputs are used as they are "
+                            "(default: %(default)s)")
+    space.add_argument("--skull-strip", choices=cfg.SKULL_STRIP_MODES, default="auto",
+                       help="N4 bias correction + brain extraction (deepbet) before registration: "
+                            "auto = only for a T1w that is not brain-extracted (its signal is not a "
+                            "plausible brain volume), force = always, skip = never (default: %(default)s)")
 
     dl = parser.add_argument_group("Deep learning")
     dl.add_argument("--device", choices=cfg.DEVICES, default="auto",
@@ -290,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         template=template,
         resolution=ns.resolution,
         registration=ns.registration,
+        skull_strip=ns.skull_strip,
+        input_image=ns.input_image,
         device=ns.device,
         model_dir=ns.model_dir.expanduser().resolve() if ns.model_dir else None,
         explain=tuple(dict.fromkeys(ns.explain)),
