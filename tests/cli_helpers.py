@@ -30,6 +30,35 @@ def save_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:
     return path
 
 
+def write_huge_header(path: Path, shape) -> Path:
+    """A small .nii.gz whose header declares ``shape`` (a hostile header: the data would not
+    fit into any memory); only a few data bytes follow."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(shape)
+    header.set_zooms((1.0,) * len(shape))
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = header.binaryblock + b"\0" * 4 + b"\1" * 1_000_000
+    path.write_bytes(gzip.compress(raw))
+    return path
+
+
+def save_sheared(path: Path, shear: float, with_qform: bool = False) -> Path:
+    """A brain-like volume whose sform is sheared (x depends on the voxel's j index)."""
+    affine = np.eye(4)
+    affine[0, 1] = shear
+    img = nib.Nifti1Image(brain_like_volume(0), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(np.eye(4) if with_qform else None, code=1 if with_qform else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.to_filename(str(path))
+    return path
+
+
 def make_bids(root: Path, subjects=("01", "02", "03"), targets: dict | None = None,
               sessions: tuple[str, ...] = (), doi: str | None = None) -> Path:
     """A dataset that passes bids-validator-deno without errors.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import (brain_like_volume, install_fakes, make_bids, restore_thread_settings,  # noqa: F401
-                         save_nifti, t1w_path, write_model_card)
+                         save_nifti, save_sheared, t1w_path, write_huge_header, write_model_card)
 from grazbids.cli.run import main
 from grazbids.exitcodes import ExitCode
 
@@ -117,6 +117,10 @@ def _corrupt(kind: str, path):
         save_nifti(path, np.zeros((20, 20, 20), np.float32))
     elif kind == "voxels":
         save_nifti(path, brain_like_volume(0), zooms=(1.0, 1.0, 25.0))
+    elif kind == "huge":
+        write_huge_header(path, (20000, 20000, 20000))
+    elif kind == "sheared":
+        save_sheared(path, 0.2)
 
 
 BAD_KINDS = {
@@ -127,6 +131,8 @@ BAD_KINDS = {
     "NaN": "27 NaN",
     "zeros": "all voxels are zero",
     "voxels": "implausible voxel sizes",
+    "huge": "declares 20000x20000x20000 voxels",
+    "sheared": "sheared (non-orthogonal) voxel-to-world affine",
 }
 
 

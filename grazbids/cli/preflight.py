@@ -18,7 +18,7 @@ from ..utils.model_card import check_explain_target, check_model_space
 from ..utils.paths import check_writable_folder
 from ..utils.selection import check_bids_root, find_preprocessed_t1w, load_layout, select_participants
 from ..utils.targets import check_target
-from ..utils.validation import check_t1w_image
+from ..utils.validation import check_t1w_image, voxel_limit
 from .summary import RunReport
 
 LOGGER = logging.getLogger("grazbids")
@@ -54,7 +54,7 @@ def run_preflight(config: RunConfig, report: RunReport) -> tuple[RunConfig, dict
 
     if not selection.t1w_files:
         raise GrazbidsError(ExitCode.NO_FILES, "no T1w images selected: " + _selection_text(config))
-    usable = check_images(selection.t1w_files, report)
+    usable = check_images(selection.t1w_files, report, config.mem_gb)
     if not usable:
         raise GrazbidsError(ExitCode.BAD_DATA,
                             f"none of the {len(selection.t1w_files)} selected participant(s) has usable T1w "
@@ -138,11 +138,12 @@ def check_atlas(config: RunConfig) -> None:
         raise GrazbidsError(ExitCode.BAD_DATA, str(err)) from None
 
 
-def check_images(t1w_files: dict, report: RunReport) -> dict:
+def check_images(t1w_files: dict, report: RunReport, mem_gb: float | None = None) -> dict:
     """Participants whose T1w images all pass; the others go to report.excluded."""
     usable = {}
+    max_voxels = voxel_limit(mem_gb)
     for label, files in t1w_files.items():
-        checks = [check_t1w_image(path) for path in files]
+        checks = [check_t1w_image(path, max_voxels) for path in files]
         problems = [check.describe() for check in checks if not check.ok]
         for check in checks:
             if check.ok and check.notes:
@@ -175,7 +176,7 @@ def _prepare_group(config: RunConfig, report: RunReport, t1w_files: dict, withou
     todo = {label: t1w_files[label] for label in members if label not in done}
     if done:
         LOGGER.info("Reusing the preprocessing of %d participant(s) found in %s", len(done), config.output_dir)
-    usable = check_images(todo, report)
+    usable = check_images(todo, report, config.mem_gb)
     members = [label for label in members if label in done or label in usable]
     if not members:
         raise GrazbidsError(ExitCode.BAD_DATA, "no participant with a target value has usable T1w data")
