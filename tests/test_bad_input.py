@@ -245,6 +245,24 @@ def test_missing_participants_tsv(dataset, tmp_path, capsys):
     assert_nothing_written(out, work)
 
 
+def test_duplicate_participant_rows_that_disagree_are_refused(dataset, tmp_path, capsys):
+    """Even without the validator: which row is right cannot be guessed."""
+    with (dataset / "participants.tsv").open("a") as handle:
+        handle.write("sub-03\tcn\n")  # sub-03 is 'ad' above
+    code, out, work = run(tmp_path, dataset, "group", "--target-column", "dx", "--cv-folds", "2", *FAST)
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_DATA
+    assert "sub-03 has more than one row with different 'dx' values ('ad', then 'cn' on line 6)" in err
+    assert_nothing_written(out, work)
+
+
+def test_duplicate_participant_rows_that_agree_are_a_warning(dataset, tmp_path, capsys):
+    with (dataset / "participants.tsv").open("a") as handle:
+        handle.write("03\tad\n")  # the same participant, without 'sub-', same class
+    code, _, _ = run(tmp_path, dataset, "group", "--target-column", "dx", "--cv-folds", "2", *FAST)
+    assert code == ExitCode.OK and "sub-03 is listed twice (line 6)" in capsys.readouterr().err
+
+
 def test_bad_images_can_leave_one_class(dataset, tmp_path, capsys):
     for label in ("02", "04"):  # both "cn"
         _corrupt("NaN", t1w_path(dataset, label))

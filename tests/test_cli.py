@@ -94,6 +94,12 @@ def test_output_inside_bids_dir_only_under_derivatives(tmp_path):
     assert config.output_dir == bids / "derivatives" / "grazbids"
 
 
+def test_output_dir_containing_bids_dir_is_refused(tmp_path):
+    for parent in (tmp_path, tmp_path.parent):
+        err = _error([str(tmp_path / "bids"), str(parent), "participant"])
+        assert err.code == ExitCode.USAGE and "contains the input dataset" in err.message
+
+
 @pytest.mark.parametrize("work", ["bids/work", "out/work"])
 def test_work_dir_inside_bids_or_output_is_refused(tmp_path, work):
     err = _error([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / work)])

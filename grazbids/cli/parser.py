@@ -331,6 +331,12 @@ def check_output_location(bids_dir: Path, output_dir: Path) -> None:
         raise GrazbidsError(ExitCode.USAGE,
                             f"output_dir is the input dataset ({bids_dir}); choose another folder, "
                             f"e.g. {bids_dir / 'derivatives' / 'grazbids'}")
+    # derivatives written around the raw dataset (output_dir = its parent or higher) would mix
+    # with other folders there, and the next run's layout would index them
+    if _is_within(bids_dir, output_dir):
+        raise GrazbidsError(ExitCode.USAGE,
+                            f"output_dir {output_dir} contains the input dataset {bids_dir}; choose a "
+                            f"folder beside it or under {bids_dir / 'derivatives'}")
     # anywhere else inside the raw dataset, outputs would be indexed as raw data next time
     if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
         raise GrazbidsError(ExitCode.USAGE,
