@@ -208,12 +208,17 @@ def install_fakes(monkeypatch, fail_for=(), participant_calls=None, group_calls=
         monkeypatch.setattr(preflight, "check_template", lambda config: None)
 
 
-def write_model_card(folder: Path, template="MNI152NLin2009aSym", resolution=2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    card = {"format": "grazbids-model", "format_version": 1,
-            "input": {"template": template, "resolution": resolution, "grid_shape": [97, 115, 97]}}
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+def write_model_card(folder: Path, template="MNI152NLin2009aSym", resolution=2, classes=("ad", "cn")) -> Path:
+    """A complete model bundle (card + safetensors weights) of a tiny network."""
+    from grazbids.engine import Architecture, IntensityNormalisation, build_model, save_bundle
+
+    shape = [97, 115, 97] if resolution == 2 else [193, 229, 193]
+    card = {"mode": "grazplus", "seed": 42, "classes": list(classes), "target_column": "dx",
+            "input": {"template": template, "resolution": resolution, "grid_shape": shape,
+                      "intensity_normalisation": IntensityNormalisation().to_dict()},
+            "training_data": {"dataset": "test"}}
+    model = build_model(Architecture(tuple(shape), n_classes=len(classes), channels=2, n_blocks=2, dense_units=4))
+    return save_bundle(folder, model, card)
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",

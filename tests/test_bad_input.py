@@ -297,6 +297,37 @@ def test_model_bundle_missing(dataset, tmp_path):
     assert_nothing_written(out, work)
 
 
+@pytest.mark.parametrize("damage,code,message", [
+    ("truncate", ExitCode.BAD_DATA, "is truncated: the header promises"),
+    ("empty", ExitCode.BAD_DATA, "is empty (0 bytes)"),
+    ("pickle", ExitCode.BAD_DATA, "is a Python pickle, not a safetensors file"),
+    ("remove weights", ExitCode.MISSING_INPUT, "weights file not found"),
+    ("card mismatch", ExitCode.BAD_DATA, "weights do not match the architecture in model_card.json"),
+    ("absurd channels", ExitCode.BAD_DATA, "parameters (more than 500,000,000)"),
+])
+def test_broken_model_bundle_is_refused_before_any_work(dataset, tmp_path, capsys, damage, code, message):
+    import pickle
+
+    model = write_model_card(tmp_path / "model")
+    weights, card_path = model / "model.safetensors", model / "model_card.json"
+    card = json.loads(card_path.read_text())
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "pickle":
+        weights.write_bytes(pickle.dumps({"conv": [0.0] * 100}))
+    elif damage == "remove weights":
+        weights.unlink()
+    else:
+        card["architecture"]["channels"] = 3 if damage == "card mismatch" else 10**6
+        card_path.write_text(json.dumps(card))
+    got, out, work = run(tmp_path, dataset, "participant", "--model", str(model), *FAST)
+    err = capsys.readouterr().err
+    assert got == code and message in err, err
+    assert_nothing_written(out, work)
+
+
 def test_unknown_template_exits_66(tmp_path, monkeypatch, capsys):
     class TemplateNotFoundError(FileNotFoundError):
         pass

@@ -102,6 +102,20 @@ def check_model(config: RunConfig) -> None:
         return
     check_model_space(config.model_dir, config.template, config.resolution)
     check_explain_target(config.model_dir, config.explain, config.explain_target)
+    check_model_files(config.model_dir)
+
+
+def check_model_files(model_dir) -> None:
+    """Card and weights agree and the weights file is complete (66 missing, 65 unusable),
+    from the safetensors header alone: no weight is read, nothing large is allocated."""
+    from ..engine.bundle import ModelBundleError, ModelBundleMissing, check_bundle
+
+    try:
+        check_bundle(model_dir)
+    except ModelBundleMissing as err:
+        raise GrazbidsError(ExitCode.MISSING_INPUT, f"model bundle: {err}") from None
+    except ModelBundleError as err:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"model bundle {model_dir} is unusable: {err}") from None
 
 
 def check_template(config: RunConfig) -> None:
