@@ -19,6 +19,7 @@ os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
 
 from .. import __version__  # noqa: E402
 from ..exitcodes import ExitCode, GrazbidsError  # noqa: E402
+from ..utils.process_logging import LOG_FILE_ENV  # noqa: E402
 
 LOGGER = logging.getLogger("grazbids")
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -78,6 +79,7 @@ def add_log_file(log_dir, analysis_level: str, stamp: str,
     early.setTarget(handler)
     early.close()  # flushes the held messages into the file
     logging.getLogger().addHandler(handler)
+    os.environ[LOG_FILE_ENV] = str(path)  # Nipype workers append their messages to it too
     LOGGER.info("Log file: %s", path)
     return handler
 
@@ -137,6 +139,7 @@ def process(config, report, source_description: dict, early_messages) -> int:
             code = ExitCode.IO_ERROR if code == ExitCode.OK else code
         return int(code)
     finally:
+        os.environ.pop(LOG_FILE_ENV, None)
         logging.getLogger().removeHandler(early_messages)
         if log_handler is not None:
             logging.getLogger().removeHandler(log_handler)
