@@ -103,6 +103,10 @@ def _fake_preprocess(subject, t1w_files, bids_dir, output_dir, template, resolut
     import nibabel as nib
     import numpy as np
 
+    import os
+    import time
+
+    time.sleep(float(os.environ.get("GRAZBIDS_FAKE_SLEEP", "0")))  # a slow "registration" (signal tests)
     if fail:
         raise RuntimeError(f"simulated registration failure for sub-{subject}")
     anat = Path(output_dir) / f"sub-{subject}" / "anat"
