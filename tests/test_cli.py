@@ -116,6 +116,38 @@ def test_default_work_dir(tmp_path):
     assert bids not in work.parents and work == default_work_dir(bids, inside)
 
 
+def test_default_work_dir_when_the_sibling_cannot_be_created(tmp_path, monkeypatch):
+    """docker run grazbids /bids /out participant: /out_work is not writable in the image."""
+    from grazbids.cli import parser
+
+    can_create = parser.can_create
+    assert can_create(tmp_path / "new" / "folder") and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert not can_create(tmp_path / "file" / "sub")
+    out = tmp_path / "out"
+    monkeypatch.setattr(parser, "can_create", lambda path: path != tmp_path / "out_work")
+    work = default_work_dir(tmp_path / "bids", out)
+    assert work.name.startswith("grazbids_work_") and work == default_work_dir(tmp_path / "bids", out)
+    assert parser.is_temporary_work_dir(work) and not parser.is_temporary_work_dir(tmp_path / "out_work")
+
+
+def test_temporary_work_dir_in_a_container_is_announced(tmp_path, monkeypatch, capsys):
+    from grazbids.cli import parser
+    from grazbids.utils import dataset
+
+    install_fakes(monkeypatch)
+    bids = make_bids(tmp_path / "bids", subjects=("01",))
+    out = tmp_path / "out"
+    monkeypatch.setattr(parser, "can_create", lambda path: path != tmp_path / "out_work")
+    monkeypatch.setattr(parser.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(dataset, "detect_container", lambda: {"Type": "docker"})
+    assert main([str(bids), str(out), "participant", "--skip-bids-validation", "--plugin", "Linear"]) == 0
+    err = capsys.readouterr().err
+    work = default_work_dir(bids, out)
+    assert work.parent == tmp_path / "tmp" and (work / "grazbids_wf").is_dir()
+    assert f"Work folder: {work} (inside the docker container, lost when it is removed" in err
+
+
 def test_group_level_requires_target_column(tmp_path):
     err = _error([str(tmp_path / "bids"), str(tmp_path / "out"), "group"])
     assert err.code == ExitCode.USAGE and "--target-column" in err.message

@@ -124,6 +124,19 @@ def stdout_to_stderr():
         os.close(saved)
 
 
+def note_work_dir(work_dir) -> None:
+    from ..utils.dataset import detect_container
+    from .parser import is_temporary_work_dir
+
+    if not is_temporary_work_dir(work_dir):
+        LOGGER.info("Work folder: %s", work_dir)
+        return
+    container = detect_container()
+    where = f"inside the {container['Type']} container, lost when it is removed" if container else "a temporary folder"
+    LOGGER.info("Work folder: %s (%s; to resume or re-run cheaply later, pass -w/--work-dir with a folder "
+                "that is kept%s)", work_dir, where, ", e.g. a mounted one" if container else "")
+
+
 def configure_worker_nipype(config) -> None:
     """Nipype reads its settings afresh in every worker process: give the workers the
     command's log levels through a nipype.cfg in the work folder (NIPYPE_CONFIG_DIR)."""
@@ -153,6 +166,7 @@ def process(config, report, source_description: dict, early_messages) -> int:
     saved_environ = {key: os.environ.get(key) for key in (LOG_FILE_ENV, "NIPYPE_CONFIG_DIR")}
     try:
         make_folder(config.work_dir, "work folder")
+        note_work_dir(config.work_dir)
         # a second run on the same work folder (or group outputs) stops here, before writing
         locks.append(lock_folder(config.work_dir, "the work folder"))
         make_folder(config.output_dir, "output_dir")
