@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit codes: 0 success, 1 some participant or the group step failed, 16 BIDS "
             "validation failed, 17 unknown analysis level, 18 filters selected no files, "
             "64 usage error, 65 unusable input data, 66 missing input, 73 cannot create "
-            "output, 74 I/O error. See docs/usage.md."
+            "output, 74 I/O error, 75 work folder in use by another run, 130 interrupted "
+            "(SIGINT), 143 terminated (SIGTERM). See docs/usage.md."
         ),
             )
     parser.add_argument("bids_dir", type=Path, help="root folder of the input BIDS dataset")
