@@ -484,3 +484,14 @@ def test_explain_target_is_checked_against_the_model_card(tmp_path):
         with pytest.raises(GrazbidsError) as err:
             check_explain_target(tmp_path, explain, target)
         assert err.value.code == ExitCode.USAGE
+
+
+def test_exit_code_table_in_the_docs_matches_the_program():
+    """docs/usage.md lists exactly the codes grazbids can return, and so does --help."""
+    import re
+
+    text = (REPO / "docs" / "usage.md").read_text().split("## Exit codes", 1)[1]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", text, re.M)}
+    assert documented == {int(code) for code in ExitCode}
+    epilog = build_parser().epilog
+    assert all(f"{int(code)} " in epilog for code in ExitCode)
