@@ -89,10 +89,17 @@ def descendants(pid: int | None = None) -> list[int]:
     return found
 
 
+# multiprocessing's resource tracker cleans up shared semaphores once this process ends;
+# killed early, it is relaunched and reports every semaphore as a KeyError traceback
+SPARED = ("multiprocessing.resource_tracker",)
+
+
 def stop_workers(grace_s: float = WORKER_GRACE_S) -> int:
     """SIGTERM every descendant process (Nipype workers, their forkserver), SIGKILL the
     ones still alive after ``grace_s``; returns how many there were."""
-    processes = descendants()
+    # the pool's threads report each killed worker as a BrokenProcessPool traceback: expected here
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL)
+    processes = [pid for pid in descendants() if not any(name in _command(pid) for name in SPARED)]
     for pid in processes:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -107,6 +114,13 @@ def stop_workers(grace_s: float = WORKER_GRACE_S) -> int:
             os.kill(pid, signal.SIGKILL)
     _reap()
     return len(processes)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
