@@ -77,7 +77,7 @@ def test_corrupt_and_missing_files(tmp_path):
     (path / "model_card.json").write_text("{not json")
     with pytest.raises(ModelBundleError, match="not valid JSON"):
         load_bundle(path)
-    with pytest.raises(ModelBundleMissing, match="nowhere: model bundle not found"):
+    with pytest.raises(ModelBundleMissing, match="model card not found .the model bundle .*nowhere does not exist"):
         load_bundle(tmp_path / "nowhere")
 
 

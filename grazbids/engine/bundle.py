@@ -127,7 +127,7 @@ def check_bundle(directory: str | Path) -> dict:
 
     path = Path(directory)
     if not path.exists():
-        raise ModelBundleMissing(f"{path}: model bundle not found")
+        raise ModelBundleMissing(f"{path / CARD_NAME}: model card not found (the model bundle {path} does not exist)")
     bundle_dir = path if path.is_dir() else path.parent
     if not (bundle_dir / CARD_NAME).is_file():
         raise ModelBundleMissing(f"{bundle_dir / CARD_NAME}: model card not found (a bundle is a folder with "
