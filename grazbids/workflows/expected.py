@@ -35,7 +35,7 @@ def expected_derivatives(participant_wf) -> list[Path]:
 
 
 def _sink_files(node, source: str, isdefined) -> list[Path]:
-    from ..interfaces.derivatives import bids_derivative_name, split_extension
+    from ..bids.naming import bids_derivative_name, split_extension
 
     inputs = node.interface.inputs
     if not isdefined(inputs.extension) or not isdefined(inputs.output_dir):

@@ -1,4 +1,4 @@
-"""Group level: check the classification target column of participants.tsv."""
+"""participants.tsv: read it, check the classification target column, read its values."""
 from __future__ import annotations
 
 import csv
@@ -59,6 +59,17 @@ def participant_values(path: Path, rows: list[dict[str, str]], column: str) -> d
         if label in values:
             LOGGER.warning("%s: sub-%s is listed twice (line %d) with the same %r value", path, label, line, column)
         values[label] = value
+    return values
+
+
+def read_target_values(bids_dir: Path, column: str) -> dict[str, str]:
+    """participant label (without sub-) -> value of ``column``; n/a and empty values left out."""
+    columns, rows = read_participants_table(Path(bids_dir))
+    if column not in columns:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"{Path(bids_dir) / 'participants.tsv'}: no column {column!r} "
+                                               f"(columns: {', '.join(columns)})")
+    values = participant_values(Path(bids_dir) / "participants.tsv", rows, column)
+    values = {label: value for label, value in values.items() if value not in MISSING_VALUES}
     return values
 
 
