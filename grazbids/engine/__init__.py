@@ -5,7 +5,7 @@ Usable from Python without the BIDS layer::
     from grazbids.engine import Architecture, build_model, zplus_heatmap
 """
 from .cohort_cache import CohortCache, CohortCacheError, build_cohort_cache, mean_image, open_or_build_cohort_cache
-from .bundle import ModelBundleError, load_bundle, read_card, save_bundle
+from .bundle import ModelBundleError, ModelBundleMissing, check_bundle, load_bundle, read_card, save_bundle
 from .data import balanced_accuracy, class_weights, encode_labels, participant_folds
 from .device import resolve_device
 from .losses import compute_loss
@@ -22,7 +22,7 @@ __all__ = [
     "MODES", "model_input", "compute_loss",
     "Trainer", "TrainSettings", "TrainingData", "FitResult",
     "CohortCache", "CohortCacheError", "build_cohort_cache", "open_or_build_cohort_cache", "mean_image",
-    "save_bundle", "load_bundle", "read_card", "ModelBundleError",
+    "save_bundle", "load_bundle", "read_card", "check_bundle", "ModelBundleError", "ModelBundleMissing",
     "IntensityNormalisation", "encode_labels", "class_weights", "participant_folds",
     "balanced_accuracy", "resolve_device",
 ]

@@ -19,6 +19,7 @@ from ..bids.patterns import (
 from ..engine import (CohortCache, CohortCacheError, IntensityNormalisation, TrainingData, encode_labels,
                       open_or_build_cohort_cache)
 from ..exitcodes import ExitCode, GrazbidsError
+from ..utils.input_image import is_skull_stripped, network_input
 
 LOG = logging.getLogger("grazbids.group")
 NORMALISATION = IntensityNormalisation()
@@ -95,8 +96,8 @@ def find_guidance_masks(samples: list[Sample], spec: str, *, bids_dir, output_di
     return found
 
 
-def load_cohort(samples: list[Sample], guidance: list[Path] | None = None, cache_dir: Path | None = None
-                ) -> tuple[TrainingData | CohortCache, list[str], np.ndarray]:
+def load_cohort(samples: list[Sample], guidance: list[Path] | None = None, input_image: str = "brain",
+                cache_dir: Path | None = None) -> tuple[TrainingData | CohortCache, list[str], np.ndarray]:
     """The cohort's normalised images, masks and labels, and the grid's affine.
 
     With ``cache_dir`` the samples stream into a cohort cache there (one sample in memory
@@ -110,7 +111,10 @@ def load_cohort(samples: list[Sample], guidance: list[Path] | None = None, cache
     def read_sample(k: int) -> tuple[np.ndarray, np.ndarray]:
         s = samples[k]
         mask = (np.asanyarray(nb.load(str(s.mask)).dataobj) > 0.5).astype(np.float32)
-        image = NORMALISATION.apply(np.asanyarray(nb.load(str(s.image)).dataobj), mask)
+        # --input-image: a raw head is masked to its brain unless the network is to see the head
+        image = network_input(np.asanyarray(nb.load(str(s.image)).dataobj), mask, input_image=input_image,
+                              skull_stripped=is_skull_stripped(s.image))
+        image = NORMALISATION.apply(image, mask)
         if guidance is not None:  # channel 1: the guidance mask, kept inside the brain
             extra = np.asanyarray(nb.load(str(guidance[k])).dataobj, dtype=np.float32)
             if extra.shape != mask.shape:

@@ -106,8 +106,9 @@ def load_group_cohort(settings: GroupSettings, work_dir: Path | None = None) -> 
                                    output_dir=settings.output_dir, template=settings.template,
                                    resolution=settings.resolution) if settings.guidance_mask else None
     key = cohort_key(samples, settings.cv_folds, settings.template, settings.resolution, guidance)
-    cache_dir = Path(work_dir) / f"cohort-{key}" / "data" if work_dir is not None else None
-    data, classes, affine = load_cohort(samples, guidance, cache_dir)
+    # the cache holds the network's input, which --input-image decides
+    cache_dir = Path(work_dir) / f"cohort-{key}" / f"data-{settings.input_image}" if work_dir is not None else None
+    data, classes, affine = load_cohort(samples, guidance, settings.input_image, cache_dir)
     try:  # checked before hours of training, not after
         resolve_target(settings.explain_target, classes)
         atlas = load_atlas(settings.atlas, nb.load(str(samples[0].image))) if settings.atlas else None
@@ -282,6 +283,7 @@ def model_card(settings: GroupSettings, mode: str, cohort: Cohort, arch: Archite
         "input": {
             "template": settings.template, "resolution": settings.resolution, "grid_shape": list(arch.input_shape),
             "intensity_normalisation": NORMALISATION.to_dict(), "mask": "brain mask in template space",
+            "image": settings.input_image,
             "guidance_mask": settings.guidance_mask,  # relevance-term mask (None: the brain mask)
             "preprocessing": "grazbids participant level (antspyx registration to the template)",
         },
