@@ -19,6 +19,10 @@ Two ways to get relevance out of one forward pass:
   evidence that comes from inside the mask can be carried *forward* with the
   activations. That avoids the full-resolution backward sweep and the storage of the
   map; the value (and its gradient) equals the one through ``zplus_heatmap``.
+
+Both run their hidden conv layers through the fused channels-last steps of
+``zplus_conv.py`` (the no-grad map; the masked sweep, with a hand-written backward);
+the plain-ops code here stays the differentiable reference they are tested against.
 """
 from __future__ import annotations
 
