@@ -184,15 +184,15 @@ def report(results: dict, args) -> None:
                "relevance_in_brain", "relevance_in_shortcut")
     summary = {}
     for shortcut in args.shortcuts:
-        print(f"\n### shortcut: {shortcut} (mean [95 % CI] over {args.seeds} seeds)\n")
-        print("| variant | " + " | ".join(columns) + " |")
-        print("|---" * (len(columns) + 1) + "|")
+        print(f"\n### shortcut: {shortcut} (mean [95 % t-interval] over the seeds that finished, n)\n")
+        print("| variant | n | " + " | ".join(columns) + " |")
+        print("|---" * (len(columns) + 2) + "|")
         for name in args.variants:
             rows = [results[f"{shortcut}/{s}/{name}"] for s in range(args.seeds) if f"{shortcut}/{s}/{name}" in results]
             if not rows:
                 continue
             summary[f"{shortcut}/{name}"] = {c: interval([r[c] for r in rows]) for c in columns}
-            print(f"| {name} | " + " | ".join(fmt([r[c] for r in rows]) for c in columns) + " |")
+            print(f"| {name} | {len(rows)} | " + " | ".join(fmt([r[c] for r in rows]) for c in columns) + " |")
         plain = [results.get(f"{shortcut}/{s}/plain") for s in range(args.seeds)]
         for name in args.variants:
             if name == "plain":
