@@ -143,36 +143,10 @@ class Trainer:
         return self.workdir / "checkpoint.safetensors" if self.workdir else None
 
     def _save_checkpoint(self, model, optimiser, header: dict) -> None:
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        opt_state = optimiser.state_dict()
-        for index, state in opt_state["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        header = {**header, "param_groups": opt_state["param_groups"]}
-        with atomic_path(self._checkpoint_path(), suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"header": json.dumps(header)})
+        save_checkpoint(self._checkpoint_path(), model, optimiser, header)
 
     def _load_checkpoint(self, model, optimiser, fingerprint: str) -> dict | None:
-        path = self._checkpoint_path()
-        if path is None or not path.exists():
-            return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            header = json.loads(handle.metadata()["header"])
-        if header.get("fingerprint") != fingerprint:
-            LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", self.name, path)
-            return None
-        tensors = load_file(str(path))
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-        LOG.info("%s: resuming after epoch %d from %s", self.name, header["epoch"], path)
-        return header
+        return load_checkpoint(self._checkpoint_path(), model, optimiser, fingerprint, self.name)
 
     # ---- one pass ----------------------------------------------------------------
     def _loss_function(self, model):
@@ -352,6 +326,41 @@ class _LossModule(torch.nn.Module):
         return self._loss_fn(x, mask, y, w)
 
 
+def save_checkpoint(path: Path, model, optimiser, header: dict) -> None:
+    """Weights, Adam state and a JSON header in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimiser.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    header = {**header, "param_groups": opt_state["param_groups"]}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"header": json.dumps(header)})
+
+
+def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
+    """Restore model and optimiser from ``path`` when its fingerprint matches; its header, else None."""
+    if path is None or not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        header = json.loads(handle.metadata()["header"])
+    if header.get("fingerprint") != fingerprint:
+        LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, path)
+        return None
+    tensors = load_file(str(path))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, param = key.split(".", 2)
+            state.setdefault(int(index), {})[param] = value
+    optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], path)
+    return header
+
+
 def distributed_rank_and_size() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -368,8 +377,8 @@ def _gather_stats(stats: dict, world: int) -> dict:
     return merged
 
 
-def write_history(path: Path, history: list[dict]) -> None:
-    columns = [c for c in HISTORY_COLUMNS if any(c in row for row in history)]
+def write_history(path: Path, history: list[dict], columns: tuple[str, ...] = HISTORY_COLUMNS) -> None:
+    columns = [c for c in columns if any(c in row for row in history)]
     lines = ["\t".join(columns)]
     for row in history:
         lines.append("\t".join(_fmt(row.get(c, float("nan"))) for c in columns))
