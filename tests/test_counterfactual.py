@@ -350,3 +350,43 @@ def test_cli_apply_writes_everything_and_errors_have_exit_codes(trained_classifi
     with pytest.raises(SystemExit) as exit_info:
         cf_main(["train", str(bundle), str(tmp_path), str(tmp_path), "--epochs", "0"])
     assert exit_info.value.code == 64
+
+
+# --------------------------------------------------------------------------- participant level
+def test_participant_level_adds_counterfactual_outputs_when_the_bundle_holds_a_simulator(trained_classifier, tmp_path):
+    from grazbids.counterfactual.bundle import classifier_hash
+    from grazbids.interfaces.counterfactual import ParticipantCounterfactual
+    from grazbids.workflows.inference import init_inference_wf
+
+    model, images, masks, labels = trained_classifier
+    bundle = _bundle(tmp_path, model)
+    kwargs = dict(model_dir=bundle, device="cpu", bids_dir=tmp_path, output_dir=tmp_path / "out",
+                  template="MNI152NLin2009aSym", resolution=2)
+    assert "counterfactual" not in init_inference_wf(**kwargs).list_node_names()
+    save_simulator(bundle, ConditionalUNet(_arch()), {"classifier": {"sha256": classifier_hash(bundle),
+                                                                      "positive_class": "patient"}})
+    names = init_inference_wf(**kwargs).list_node_names()
+    for name in ("counterfactual", "inject_logjacobian_to_native", "ds_inject_T1w", "ds_remove_displacement",
+                 "ds_remove_logjacobian", "ds_remove_logjacobian_native"):
+        assert name in names
+    (t1w, mask), _ = _preprocessed(tmp_path, images, masks)
+    t1w.with_name(t1w.name.replace(".nii.gz", ".json")).write_text('{"SkullStripped": true}')
+    node = ParticipantCounterfactual(t1w_template=str(t1w), brain_mask_template=str(mask), model_dir=str(bundle),
+                                     device="cpu")
+    work = tmp_path / "node"
+    work.mkdir()
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        result = node.run()
+    finally:
+        os.chdir(cwd)
+    out = result.outputs
+    assert out.inject_t1w_metadata["SkullStripped"] is True and "SkullStripped" not in out.inject_metadata
+    assert set(out.remove_metadata["ProbabilitiesAfter"]) == {"control", "patient"}
+    import nibabel as nb
+
+    field = nb.load(out.inject_displacement)
+    assert field.shape == (12, 12, 12, 3) and field.header.get_intent()[0] == "displacement vector"
