@@ -28,5 +28,5 @@ setup(
         "scipy",
     ],
     extras_require={"test": ["pytest>=7", "bids-validator-deno", "boutiques>=0.5.33"]},
-    entry_points={"console_scripts": ["grazbids=grazbids.cli.run:main", "grazbids-train=grazbids.train:main", "grazbids-simulate=grazbids.simulate.cli:main"]},
+    entry_points={"console_scripts": ["grazbids=grazbids.cli.run:main", "grazbids-train=grazbids.group.torchrun:main", "grazbids-simulate=grazbids.simulate.cli:main"]},
 )

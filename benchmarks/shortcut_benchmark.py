@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from grazbids.engine import balanced_accuracy  # noqa: E402
 from grazbids.explain.targets import method_desc  # noqa: E402
-from grazbids.explanation_table import participant_row  # noqa: E402
+from grazbids.evaluate.explanation_table import participant_row  # noqa: E402
 
 MODES = ("plain", "masked", "grazplus")
 TEMPLATE, RESOLUTION = "MNI152NLin2009aSym", 2

@@ -141,17 +141,13 @@ def _input(parser: argparse.ArgumentParser, action: argparse.Action) -> dict:
     return entry
 
 
-def build_descriptor(parser: argparse.ArgumentParser | None = None,
-                     image: str | None = DEFAULT_IMAGE) -> dict:
-    """The Boutiques descriptor (a dict) of ``parser`` (default: the grazbids parser).
+def build_descriptor(parser: argparse.ArgumentParser, image: str | None = DEFAULT_IMAGE) -> dict:
+    """The Boutiques descriptor (a dict) of ``parser`` (``grazbids.cli.parser.build_parser()``;
+    passed in, so that this module never imports the command line that imports it).
 
     ``image``: the Docker image for ``container-image`` (its entrypoint is ``grazbids``;
     bosh runs the command line through a shell, so either works); None leaves it out.
     """
-    if parser is None:
-        from .cli.parser import build_parser
-
-        parser = build_parser()
     actions = [a for a in parser._actions if not _is_exit_action(a)]
     inputs = [_input(parser, a) for a in actions]
     positional = [e for e, a in zip(inputs, actions) if not a.option_strings]
@@ -203,6 +199,5 @@ def build_descriptor(parser: argparse.ArgumentParser | None = None,
     return descriptor
 
 
-def descriptor_json(parser: argparse.ArgumentParser | None = None,
-                    image: str | None = DEFAULT_IMAGE) -> str:
+def descriptor_json(parser: argparse.ArgumentParser, image: str | None = DEFAULT_IMAGE) -> str:
     return json.dumps(build_descriptor(parser, image=image), indent=2)

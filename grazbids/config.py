@@ -90,3 +90,59 @@ class RunConfig:
     def log_dir(self) -> Path:
         """Dataset-level logs (run summaries, citation text); listed in .bidsignore."""
         return self.output_dir / "logs"
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """Everything the group level needs, built once from the checked :class:`RunConfig`
+    (``from_run_config``) and handed whole to the training node and the torchrun entry
+    point. ``to_dict``/``from_dict`` carry it through Nipype (JSON-safe, hashed by Nipype)."""
+
+    bids_dir: Path
+    output_dir: Path
+    participants: tuple[str, ...]
+    target_column: str
+    modes: tuple[str, ...] = DEFAULT_MODES
+    cv_folds: int = DEFAULT_CV_FOLDS
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = DEFAULT_SEED
+    device: str = "auto"
+    template: str = DEFAULT_TEMPLATE
+    resolution: int = DEFAULT_RESOLUTION
+    # optimiser settings; absent = the engine's defaults (grazbids.engine.TrainSettings)
+    training_options: dict = field(default_factory=dict)
+    architecture: str = "grazplus"
+    guidance_mask: str | None = None
+    explain: tuple[str, ...] = ()
+    explain_target: str = "predicted"
+    atlas: Path | None = None
+    feature_visualisation: int = 0
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig, participants: tuple[str, ...] | list[str]) -> "GroupSettings":
+        return cls(
+            bids_dir=Path(config.bids_dir), output_dir=Path(config.output_dir), participants=tuple(participants),
+            target_column=config.target_column, modes=tuple(config.modes), cv_folds=config.cv_folds,
+            epochs=config.epochs, seed=config.random_seed, device=config.device, template=config.template,
+            resolution=config.resolution, training_options=dict(config.training_options),
+            architecture=config.architecture, guidance_mask=config.guidance_mask, explain=tuple(config.explain),
+            explain_target=config.explain_target, atlas=config.atlas,
+            feature_visualisation=config.feature_visualisation,
+        )
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GroupSettings":
+        values = dict(data)
+        for name in ("bids_dir", "output_dir", "atlas"):
+            values[name] = Path(values[name]) if values.get(name) is not None else None
+        for name in ("participants", "modes", "explain"):
+            values[name] = tuple(values[name])
+        values["training_options"] = dict(values.get("training_options") or {})
+        return cls(**values)

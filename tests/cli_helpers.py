@@ -145,11 +145,12 @@ def _fake_train(ready, participants, output_dir, target_column):
 def fake_group_builder(calls: list | None = None):
     """Stand-in for grazbids.workflows.group.init_group_wf (same signature)."""
 
-    def init_group_wf(*, bids_dir, output_dir, participants, target_column, modes, cv_folds, epochs,
-                      seed, device, template, resolution, checkpoint_dir=None, training_options=None, guidance_mask=None, architecture="grazplus",
-                      explain=(), explain_target="predicted", atlas=None, feature_visualisation=0, name="group_wf"):
+    def init_group_wf(settings, *, checkpoint_dir=None, name="group_wf"):
         from nipype.interfaces import utility as niu
         from nipype.pipeline import engine as pe
+
+        participants, target_column, modes = list(settings.participants), settings.target_column, list(settings.modes)
+        output_dir = str(settings.output_dir)
 
         if calls is not None:
             calls.append(dict(participants=participants, target_column=target_column, modes=modes))

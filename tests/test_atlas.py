@@ -3,7 +3,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from grazbids.atlas import AtlasError, load_atlas
+from grazbids.evaluate.atlas import AtlasError, load_atlas
 
 
 def _save(path, data, affine=np.eye(4)):

@@ -30,7 +30,7 @@ def _bosh() -> str:
 
 @pytest.fixture(scope="module")
 def descriptor() -> dict:
-    return build_descriptor()
+    return build_descriptor(build_parser())
 
 
 @pytest.fixture()
@@ -93,7 +93,7 @@ def test_a_new_parser_option_appears_without_editing_the_generator():
 def test_cli_prints_the_descriptor(capsys):
     assert main(["--boutiques"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(descriptor_json())
+    assert printed == json.loads(descriptor_json(build_parser()))
     assert printed["container-image"] == {"type": "docker", "image": f"grazbids:{__version__}",
                                           "entrypoint": True}
 

@@ -418,7 +418,9 @@ def test_group_workflow_with_explanations_atlas_and_feature_visualisation(tmp_pa
     graph = base.init_grazbids_wf(config)._create_flat_graph()
     node = {n.fullname.split(".", 1)[-1]: n for n in graph.nodes}
     train, featurevis, report = node["group_wf.train"], node["group_wf.feature_visualisation"], node["group_wf.report"]
-    assert train.inputs.explain == ["gradient", "gradcam"] and train.inputs.atlas == str(tmp_path / "atlas_dseg.nii.gz")
+    settings = train.inputs.settings  # the whole GroupSettings, built once from the command line
+    assert settings["explain"] == ["gradient", "gradcam"] and settings["atlas"] == str(tmp_path / "atlas_dseg.nii.gz")
+    assert settings["participants"] == ["01"] and settings["target_column"] == "dx"
     assert featurevis.inputs.iterations == 50
     assert networkx.has_path(graph, train, featurevis) and networkx.has_path(graph, featurevis, report)
     default = parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--target-column", "dx",

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from grazbids.interfaces import derivatives
-from grazbids.interfaces.derivatives import DerivativesSink, bids_derivative_name, bids_uri
+from grazbids.bids.naming import bids_derivative_name, bids_uri
+from grazbids.interfaces.derivatives import DerivativesSink
 
 SOURCE = "sub-01/ses-pre/anat/sub-01_ses-pre_acq-mprage_run-2_T1w.nii.gz"
 

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 
 from grazbids.engine import load_bundle
-from grazbids.group_training import GroupInputError, run_group_training
-from grazbids.inference import predict
+from grazbids.config import GroupSettings
+from grazbids.group.cohort import GroupInputError
+from grazbids.group.training import run_group_training
+from grazbids.engine.inference import predict
 
 TPL, RES = "MNI152NLin2009aSym", 2
 
@@ -50,8 +52,9 @@ def _cohort(tmp_path, n=8, shape=(16, 16, 16), references=False):
 
 def _run(bids, out, participants, tmp_path, **kw):
     args = dict(bids_dir=bids, output_dir=out, participants=participants, target_column="gender", modes=["grazplus"],
-                cv_folds=2, epochs=2, seed=1, device="cpu", template=TPL, resolution=RES, work_dir=tmp_path / "work")
-    return run_group_training(**{**args, **kw})
+                cv_folds=2, epochs=2, seed=1, device="cpu", template=TPL, resolution=RES)
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in {**args, **kw}.items()}
+    return run_group_training(GroupSettings(**args), tmp_path / "work")
 
 
 def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
@@ -97,6 +100,15 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
     assert np.isclose(result.probabilities.sum(), 1) and result.predicted in ("f", "m")
     assert result.heatmap.shape == (16, 16, 16) and np.isclose(result.heatmap.sum(), 1, rtol=1e-3)
+    # decision dependence: per held-out participant, and the flip rates in the CV summary
+    for region in ("outside", "shortcut"):
+        for fill in ("zero", "mean"):
+            assert metrics[f"flip_{region}_{fill}"].isin([0.0, 1.0]).all()
+            assert metrics[f"prob_change_{region}_{fill}"].between(-1, 1).all()
+            assert np.isclose(cv["flip_rates"][f"{region}_{fill}"], metrics[f"flip_{region}_{fill}"].mean())
+    assert metrics.loc[metrics.true_label == "f", "flip_effect_zero"].isna().all()  # no effect to replace
+    assert "flip_outside_zero" in modes.columns and 0 <= cv["chance"]["p_value"] <= 1
+    assert set(result.dependence) == {"outside_zero", "outside_mean"}  # the bundle carries its mean image
 
 
 def test_group_input_errors(tmp_path):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from grazbids import metrics
+from grazbids.evaluate import metrics
 
 
 def _maps():

@@ -14,8 +14,9 @@ from grazbids.cli.run import main
 from grazbids.exitcodes import ExitCode, GrazbidsError
 from grazbids.utils.bids_validator import find_validator, parse_report, run_validator
 from grazbids.utils.model_card import check_model_space, read_model_input_space
-from grazbids.utils.selection import find_preprocessed_t1w, load_layout, select_participants
-from grazbids.utils.targets import check_target
+from grazbids.bids.participants import check_target
+from grazbids.bids.patterns import find_preprocessed_t1w
+from grazbids.bids.selection import load_layout, select_participants
 from grazbids.utils.validation import check_t1w_image
 
 needs_validator = pytest.mark.skipif(find_validator() is None, reason="bids-validator-deno not installed")

@@ -83,7 +83,7 @@ def _cv_folds(text: str) -> int:
 
 # command-line options passed on to grazbids.engine.TrainSettings (same names)
 TRAINING_OPTIONS = ("learning_rate", "batch_size", "accumulation_steps", "relevance_weight", "guidance_loss",
-                    "guidance_power")
+                    "guidance_power", "outside_penalty", "outside_penalty_weight")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "in the brain (Sefcik & Benesova)")
     dl.add_argument("--guidance-power", type=_positive_float, default=None, metavar="P",
                     help="group level: p of the ratio loss (default: 1)")
+    dl.add_argument("--outside-penalty", choices=("none", "invariance", "gradient"), default=None,
+                    help="group level, any mode: a loss term against shortcuts outside the brain that z+ "
+                         "relevance does not see: 'invariance' penalises the change of the output when "
+                         "everything outside the brain is set to 0, 'gradient' the input gradient outside "
+                         "the brain (Ross et al. 2017); default none (docs/simulation.md, Shortcut evidence)")
+    dl.add_argument("--outside-penalty-weight", type=_positive_float, default=None, metavar="W",
+                    help="group level: weight of --outside-penalty (default: 1.0)")
     dl.add_argument("--atlas", type=Path, default=None, metavar="DSEG",
                     help="group level: label image (dseg) in the template space of the run; the share of "
                          "each heat map's relevance per region goes to regions.tsv and regions_summary.tsv. "

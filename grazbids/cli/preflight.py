@@ -16,8 +16,9 @@ from ..utils.bids_validator import ValidationReport, ValidatorUnavailable, run_v
 from ..utils.dataset import check_output_owner
 from ..utils.model_card import check_explain_target, check_model_space
 from ..utils.paths import check_writable_folder
-from ..utils.selection import check_bids_root, find_preprocessed_t1w, load_layout, select_participants
-from ..utils.targets import check_target
+from ..bids.participants import check_target
+from ..bids.patterns import find_preprocessed_t1w
+from ..bids.selection import check_bids_root, load_layout, select_participants
 from ..utils.validation import check_t1w_image
 from .summary import RunReport
 
@@ -130,7 +131,7 @@ def check_atlas(config: RunConfig) -> None:
         raise GrazbidsError(ExitCode.MISSING_INPUT, f"--atlas {config.atlas}: no such file")
     import nibabel as nb
 
-    from ..atlas import AtlasError, load_atlas
+    from ..evaluate.atlas import AtlasError, load_atlas
     from ..templates import get_template
     try:
         load_atlas(config.atlas, nb.load(str(get_template(config.template, config.resolution).t1w)))

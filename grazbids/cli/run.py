@@ -82,12 +82,16 @@ def add_log_file(log_dir, analysis_level: str, stamp: str,
     return handler
 
 
-def execute(argv: list[str] | None) -> int:
+def execute(argv: list[str] | None, adjust=None) -> int:
+    """``adjust``: a function of the parsed RunConfig returning the one to run (the torchrun
+    entry point forces in-process execution with it)."""
     from .parser import parse_args
     from .preflight import run_preflight
     from .summary import RunReport
 
     config = parse_args(argv)
+    if adjust is not None:
+        config = adjust(config)
     setup_logging(config.verbosity)
     early_messages = hold_early_messages()
     try:
@@ -143,9 +147,9 @@ def process(config, report, source_description: dict, early_messages) -> int:
             log_handler.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, adjust=None) -> int:
     try:
-        return execute(argv)
+        return execute(argv, adjust)
     except GrazbidsError as err:
         if not any(getattr(h, "_grazbids", False) for h in logging.getLogger().handlers):
             setup_logging(0)  # stopped while parsing the command line

@@ -7,17 +7,18 @@ Usable from Python without the BIDS layer::
 from .bundle import ModelBundleError, load_bundle, read_card, save_bundle
 from .data import balanced_accuracy, class_weights, encode_labels, participant_folds
 from .device import resolve_device
-from .losses import MODES, compute_loss
+from .losses import compute_loss
+from .modes import MODES, model_input
 from .lrp import masked_relevance, start_relevance, zplus_heatmap
-from .architectures import KondratevaNet, kondrateva_architecture
-from .model import Architecture, GrazPlusNet, build_model
+from .architectures import KondratevaNet, build_model, kondrateva_architecture
+from .model import Architecture, GrazPlusNet
 from .normalize import IntensityNormalisation
 from .trainer import FitResult, Trainer, TrainingData, TrainSettings
 
 __all__ = [
     "Architecture", "GrazPlusNet", "build_model", "KondratevaNet", "kondrateva_architecture",
     "zplus_heatmap", "masked_relevance", "start_relevance",
-    "MODES", "compute_loss",
+    "MODES", "model_input", "compute_loss",
     "Trainer", "TrainSettings", "TrainingData", "FitResult",
     "save_bundle", "load_bundle", "read_card", "ModelBundleError",
     "IntensityNormalisation", "encode_labels", "class_weights", "participant_folds",

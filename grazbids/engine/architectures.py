@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .model import Architecture
+from .model import Architecture, GrazPlusNet
 
 KONDRATEVA = "kondrateva"
 DROPOUT = 0.5  # the paper's value; not an Architecture field to keep model cards unchanged
@@ -59,3 +59,16 @@ class KondratevaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+ARCHITECTURES = ("grazplus", KONDRATEVA)
+
+
+def build_model(arch: Architecture) -> nn.Module:
+    """The network named by ``arch.name``: ``grazplus`` (default; model cards without a
+    name) or ``kondrateva``."""
+    if arch.name == "grazplus":
+        return GrazPlusNet(arch)
+    if arch.name == KONDRATEVA:
+        return KondratevaNet(arch)
+    raise ValueError(f"unknown architecture {arch.name!r} (available: {', '.join(ARCHITECTURES)})")

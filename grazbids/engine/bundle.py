@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..utils.atomic import atomic_directory
-from .model import Architecture, build_model
+from .architectures import build_model
+from .model import Architecture
 
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "model_card.json"

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lrp import masked_relevance, safe_divide
-
-MODES = ("plain", "masked", "grazplus")
+from .guidance import check_outside_penalty
+from .guidance import outside_penalty as penalty_of
+from .modes import MODES, model_input
 GUIDANCE_LOSSES = ("additive", "ratio")
 
 
@@ -73,8 +74,13 @@ def compute_loss(
     track_relevance: bool = True,
     guidance_loss: str = "additive",
     guidance_power: float = 1.0,
+    outside_penalty: str = "none",
+    outside_penalty_weight: float = 1.0,
 ) -> StepOutput:
     """Loss of one (micro-)batch in the given mode.
+
+    ``outside_penalty`` (grazbids.engine.guidance): ``invariance`` or ``gradient`` adds
+    ``outside_penalty_weight`` x a per-sample penalty on what lies outside the brain mask.
 
     ``track_relevance`` computes the relevance terms for logging in the modes whose
     loss does not need them (``plain``/``masked``), in an extra no-grad sweep; it is NaN
@@ -83,8 +89,22 @@ def compute_loss(
     check_mode(mode)
     if guidance_loss not in GUIDANCE_LOSSES:
         raise ValueError(f"unknown guidance loss {guidance_loss!r}; choose one of {', '.join(GUIDANCE_LOSSES)}")
+    check_outside_penalty(outside_penalty)
     brain = mask[:, :1]
-    inputs = x * brain if mode == "masked" else x
+    inputs = model_input(x, mask, mode)
+    if outside_penalty == "gradient":  # the penalty differentiates the output by the input
+        inputs = inputs.detach().requires_grad_(True)
+
+    def penalised(per_sample: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if outside_penalty == "none":
+            return per_sample
+        if outside_penalty == "gradient" and not torch.is_grad_enabled():  # validation: measured, not trained
+            with torch.enable_grad():
+                x_grad = inputs.detach().requires_grad_(True)
+                penalty = penalty_of(outside_penalty, model, x_grad, 1 - brain, model(x_grad)).detach()
+        else:
+            penalty = penalty_of(outside_penalty, model, inputs, 1 - brain, logits)
+        return per_sample + outside_penalty_weight * penalty
     if mode == "grazplus" and (mask.shape[1] > 1 or guidance_loss == "ratio"):
         # brain and guidance mask (the brain twice without guidance) in one sweep
         guidance = mask[:, 1:2] if mask.shape[1] > 1 else brain
@@ -97,7 +117,7 @@ def compute_loss(
             share = safe_divide(inside, inside_brain).clamp_min(1e-6)
             has_guidance = guidance.flatten(1).sum(dim=1) > 0
             per_sample = torch.where(has_guidance, ce / share.pow(guidance_power), ce)
-        loss = (sample_weight * per_sample).mean()
+        loss = (sample_weight * penalised(per_sample, logits)).mean()
         return StepOutput(loss, logits, ce.detach(), inside, total)
     if mode == "grazplus":
         logits, inside, total = masked_relevance(model, inputs, brain)
@@ -110,5 +130,5 @@ def compute_loss(
             inside, total = _untracked(x)
     ce = F.cross_entropy(logits, y, reduction="none")
     per_sample = ce - relevance_weight * inside if mode == "grazplus" else ce
-    loss = (sample_weight * per_sample).mean()
+    loss = (sample_weight * penalised(per_sample, logits)).mean()
     return StepOutput(loss, logits, ce.detach(), inside, total)

@@ -93,18 +93,3 @@ class GrazPlusNet(nn.Module):
         """Projection onto the constraint set: bias <= 0 in every layer."""
         for layer in self.lrp_layers():
             layer.bias.clamp_(max=0.0)
-
-
-ARCHITECTURES = ("grazplus", "kondrateva")
-
-
-def build_model(arch: Architecture) -> nn.Module:
-    """The network named by ``arch.name``: ``grazplus`` (default; model cards without a
-    name) or ``kondrateva`` (grazbids.engine.architectures)."""
-    if arch.name == "grazplus":
-        return GrazPlusNet(arch)
-    if arch.name == "kondrateva":
-        from .architectures import KondratevaNet  # that module builds on this one
-
-        return KondratevaNet(arch)
-    raise ValueError(f"unknown architecture {arch.name!r} (available: {', '.join(ARCHITECTURES)})")

@@ -27,7 +27,9 @@ from ..utils.atomic import atomic_path, write_text
 from .data import balanced_accuracy, class_weights
 from .device import resolve_device
 from .losses import check_mode, check_mode_for_architecture, compute_loss
-from .model import Architecture, GrazPlusNet, build_model
+from .architectures import build_model
+from .model import Architecture, GrazPlusNet
+from .modes import model_input
 
 LOG = logging.getLogger("grazbids.engine")
 
@@ -48,6 +50,8 @@ class TrainSettings:
     relevance_weight: float = 1.0
     guidance_loss: str = "additive"  # relevance term: Graz+ "additive" or Šefčík's "ratio" (CE / M^p)
     guidance_power: float = 1.0  # p of the ratio loss
+    outside_penalty: str = "none"  # grazbids.engine.guidance: "invariance" or "gradient" (outside the brain)
+    outside_penalty_weight: float = 1.0
     seed: int = 42
     device: str = "auto"
     compile: bool = False  # torch.compile the loss (faster; falls back to eager on failure)
@@ -56,6 +60,8 @@ class TrainSettings:
     def fingerprint(self, train_index: np.ndarray) -> str:
         """What must match for a checkpoint to be resumable (everything but epochs/progress)."""
         keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device", "compile")}
+        if keys["outside_penalty"] == "none":  # checkpoints written before the option still resume
+            del keys["outside_penalty"], keys["outside_penalty_weight"]
         keys["train_index"] = np.asarray(train_index).tolist()
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,7 +160,8 @@ class Trainer:
 
         def loss(x, mask, y, w):
             out = compute_loss(model, x, mask, y, w, s.mode, s.relevance_weight,
-                               guidance_loss=s.guidance_loss, guidance_power=s.guidance_power)
+                               guidance_loss=s.guidance_loss, guidance_power=s.guidance_power,
+                               outside_penalty=s.outside_penalty, outside_penalty_weight=s.outside_penalty_weight)
             return out.loss, out.logits, out.ce, out.relevance_inside, out.relevance_total
 
         if not s.compile:
@@ -298,7 +305,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         index = train_index[:n]
-        x = data.images[index] * (data.masks[index, :1] if self.settings.mode == "masked" else 1)
+        x = model_input(data.images[index], data.masks[index], self.settings.mode)
         with torch.inference_mode():
             logits = model(x.to(self.device))
         model.train(was_training)

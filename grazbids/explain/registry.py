@@ -9,7 +9,10 @@ from torch import nn
 
 from .gradcam import grad_cam
 from .gradients import gradient, gradient_x_input, guided_backprop, integrated_gradients
+from ..engine.lrp import zplus_heatmap
+from ..engine.model import GrazPlusNet
 from .lrp import composite_rule, lrp, same_rule
+from .model_state import evaluation_mode
 from .perturbation import meaningful_perturbation
 from .targets import Target
 
@@ -27,6 +30,15 @@ def _lrp_method(rule: str) -> Callable[..., torch.Tensor]:
     return lambda model, x, target, **params: lrp(model, x, target, same_rule(rule, **params))
 
 
+def _zplus(model, x, target) -> torch.Tensor:
+    """z+: the engine's fused sweep for the Graz+ network (the same rule, computed without
+    building a layer chain), the general LRP for every other architecture."""
+    if isinstance(model, GrazPlusNet):
+        with evaluation_mode(model), torch.no_grad():
+            return zplus_heatmap(model, x, target)[0]
+    return lrp(model, x, target, same_rule("zplus"))
+
+
 def _composite(model, x, target, **params) -> torch.Tensor:
     return lrp(model, x, target, composite_rule(x, **params))
 
@@ -35,7 +47,7 @@ _LRP_START = " Start relevance: the softmax vector or one class's probability (t
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("zplus", "lrp", "LRP z+ (deep Taylor) in every layer, input layer included; the Graz+ heat map." + _LRP_START,
-           {}, _lrp_method("zplus")),
+           {}, _zplus),
     Method("epsilon", "lrp", "LRP-epsilon in every layer (bias included in the denominator)." + _LRP_START,
            {"eps": 0.01}, _lrp_method("epsilon")),
     Method("alpha1beta0", "lrp", "LRP-alpha1beta0 in every layer (positive contributions only)." + _LRP_START,

@@ -37,14 +37,14 @@ class ExplainMap(BaseInterface):
         from ..engine import load_bundle
         from ..engine.device import resolve_device
         from ..explain import describe, explain
-        from ..inference import load_input, model_input
+        from ..engine.inference import input_tensor, load_input
 
         inputs = self.inputs
         device = resolve_device(inputs.device)
         model, card = load_bundle(inputs.model_dir, device=device)
         target = resolve_target(inputs.target, list(card["classes"]))
         data, mask, affine = load_input(inputs.t1w_template, inputs.brain_mask_template, card)
-        x = model_input(data, mask, card, device)
+        x = input_tensor(data, mask, card, device)
         with torch.no_grad():
             predicted = int(model(x).argmax(1))
         heatmap = explain(model, x, inputs.method, target=target)[0, 0].cpu().numpy()

@@ -34,6 +34,7 @@ class GroupFeatureVisualisation(SimpleInterface):
     def _run_interface(self, runtime):
         from ..featurevis import AscentSettings, Regularisers
         from ..featurevis.from_bundle import visualise_bundle
+        from ..group.layout import ModeLayout
 
         settings = AscentSettings(iterations=self.inputs.iterations, regularisers=Regularisers(**GROUP_REGULARISERS))
         figures = []
@@ -43,7 +44,7 @@ class GroupFeatureVisualisation(SimpleInterface):
                 LOG.info("feature visualisation: %s, class %r (%d iterations)", model_dir.parent.name, cls,
                          settings.iterations)
                 try:
-                    out = visualise_bundle(model_dir, model_dir.parent / "featurevis", str(cls), settings,
+                    out = visualise_bundle(model_dir, ModeLayout(model_dir.parent).featurevis_dir, str(cls), settings,
                                            device=self.inputs.device)
                 except (ValueError, RuntimeError) as err:  # one class failing keeps the others and the report
                     LOG.error("feature visualisation of %s, class %r failed: %s", model_dir, cls, err)

@@ -26,6 +26,18 @@ class _PredictOutputSpec(TraitedSpec):
     predictions_metadata = traits.Dict(desc="sidecar (data dictionary) for the predictions TSV")
 
 
+def _dependence_descriptions(dependence: dict) -> dict:
+    fills = {"outside_zero": "everything outside the brain mask is set to 0",
+             "outside_mean": "everything outside the brain mask is set to the training cohort's mean image"}
+    out = {}
+    for region in dependence:
+        out[f"prob_change_{region}"] = {"Description": f"change in the probability of the predicted class when "
+                                                       f"{fills[region]} (decision dependence; docs/usage.md)"}
+        out[f"flip_{region}"] = {"Description": f"1 when the predicted class changes as {fills[region]}",
+                                 "Levels": {"0": "same decision", "1": "decision flips"}}
+    return out
+
+
 class PredictAndExplain(BaseInterface):
     """Class probabilities and the Graz+ z+ heat map (from the softmax vector) of one image."""
 
@@ -34,14 +46,16 @@ class PredictAndExplain(BaseInterface):
 
     def _run_interface(self, runtime):
         from ..engine import read_card
-        from ..inference import predict
+        from ..engine.inference import predict
 
         card = read_card(self.inputs.model_dir)
         result = predict(self.inputs.model_dir, self.inputs.t1w_template, self.inputs.brain_mask_template, self.inputs.device)
         cwd = Path(runtime.cwd)
         nb.save(nb.Nifti1Image(result.heatmap.astype(np.float32), result.affine), str(cwd / "heatmap.nii.gz"))
-        columns = ["predicted_label", *[f"probability_{c}" for c in result.classes]]
-        values = [result.predicted, *[f"{p:.6f}" for p in result.probabilities]]
+        dependence = [(f"{key}_{region}", value) for region, measured in result.dependence.items()
+                      for key, value in (("prob_change", f"{measured['prob_change']:.6f}"), ("flip", str(measured["flip"])))]
+        columns = ["predicted_label", *[f"probability_{c}" for c in result.classes], *[k for k, _ in dependence]]
+        values = [result.predicted, *[f"{p:.6f}" for p in result.probabilities], *[v for _, v in dependence]]
         (cwd / "predictions.tsv").write_text("\t".join(columns) + "\n" + "\t".join(values) + "\n")
         model_name = os.path.abspath(self.inputs.model_dir)
         self._results = {
@@ -63,6 +77,7 @@ class PredictAndExplain(BaseInterface):
                                     "Levels": {c: c for c in card["classes"]}},
                 **{f"probability_{c}": {"Description": f"model probability of {card['target_column']} = {c}"}
                    for c in card["classes"]},
+                **_dependence_descriptions(result.dependence),
             },
         }
         return runtime
@@ -72,25 +87,8 @@ class PredictAndExplain(BaseInterface):
 
 
 class _GroupTrainingInputSpec(BaseInterfaceInputSpec):
-    bids_dir = traits.Directory(exists=True, mandatory=True)
-    output_dir = traits.Directory(exists=True, mandatory=True)
-    participants = traits.List(traits.Str, mandatory=True)
-    target_column = traits.Str(mandatory=True)
-    modes = traits.List(traits.Enum("plain", "masked", "grazplus"), mandatory=True)
-    cv_folds = traits.Int(5, usedefault=True)
-    epochs = traits.Int(60, usedefault=True)
-    training_options = traits.Dict(traits.Str, traits.Either(traits.Int, traits.Float), usedefault=True,
-                                   desc="other grazbids.engine.TrainSettings fields (learning_rate, ...)")
-    seed = traits.Int(42, usedefault=True)
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
-    template = traits.Str(mandatory=True)
-    resolution = traits.Int(mandatory=True)
+    settings = traits.Dict(mandatory=True, desc="grazbids.config.GroupSettings.to_dict()")
     ready = InputMultiObject(traits.Any, desc="barrier: participant preprocessing outputs")
-    architecture = traits.Enum("grazplus", "kondrateva", usedefault=True, desc="network to train")
-    guidance_mask = traits.Str(desc="relevance-term mask, e.g. desc-lesion (default: the brain mask)")
-    explain = traits.List(traits.Str, desc="grazbids.explain methods summarised out of fold besides z+")
-    explain_target = traits.Str("predicted", usedefault=True, desc="class the explain maps explain")
-    atlas = File(exists=True, desc="label image in the template space: relevance per region")
     checkpoint_dir = traits.Str(nohash=True, desc="persistent folder for training checkpoints "
                                 "(default: the node's folder, which Nipype empties on a rerun)")
 
@@ -107,26 +105,19 @@ class GroupTraining(BaseInterface):
     output_spec = _GroupTrainingOutputSpec
 
     def _run_interface(self, runtime):
-        from ..group_training import run_group_training
+        from ..config import GroupSettings
+        from ..group.layout import GroupLayout
+        from ..group.training import run_group_training
 
-        inputs = self.inputs
-        summaries = run_group_training(
-            bids_dir=inputs.bids_dir, output_dir=inputs.output_dir, participants=list(inputs.participants),
-            target_column=inputs.target_column, modes=list(inputs.modes), cv_folds=inputs.cv_folds,
-            epochs=inputs.epochs, training_options=dict(inputs.training_options), seed=inputs.seed,
-            guidance_mask=inputs.guidance_mask if isdefined(inputs.guidance_mask) else None,
-            architecture=inputs.architecture, device=inputs.device, template=inputs.template,
-            explain=tuple(inputs.explain) if isdefined(inputs.explain) else (), explain_target=inputs.explain_target,
-            atlas=inputs.atlas if isdefined(inputs.atlas) else None,
-            resolution=inputs.resolution,
-            work_dir=Path(inputs.checkpoint_dir) if isdefined(inputs.checkpoint_dir) else Path(runtime.cwd) / "training",
-        )
+        settings = GroupSettings.from_dict(self.inputs.settings)
+        work_dir = (Path(self.inputs.checkpoint_dir) if isdefined(self.inputs.checkpoint_dir)
+                    else Path(runtime.cwd) / "training")
+        summaries = run_group_training(settings, work_dir)
         summary = Path(runtime.cwd) / "summary.json"
         summary.write_text(json.dumps(summaries, indent=2))
-        self._results = {
-            "summary": str(summary),
-            "model_dirs": [str(Path(inputs.output_dir) / "group" / f"mode-{m}" / "model") for m in inputs.modes],
-        }
+        layout = GroupLayout(settings.output_dir)
+        self._results = {"summary": str(summary),
+                         "model_dirs": [str(layout.mode(m).model_dir) for m in settings.modes]}
         return runtime
 
     def _list_outputs(self):

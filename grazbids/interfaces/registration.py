@@ -377,7 +377,7 @@ class ApplyTransforms(SimpleInterface):
     def _run_interface(self, runtime):
         import ants
 
-        from .derivatives import split_extension
+        from ..bids.naming import split_extension
 
         inputs = self.inputs
         transforms = list(inputs.transforms)

@@ -101,7 +101,7 @@ def _contours(display, outlines) -> None:
             display.add_contours(_load(img), levels=[0.5], colors=[colour], linewidths=1.2)
 
 
-def _ortho_and_mosaic(plot, *, cut, cuts, title: str, outlines=(), width: float = 11.0):
+def ortho_and_mosaic(plot, *, cut, cuts, title: str, outlines=(), width: float = 11.0):
     """`plot(display_mode, cut_coords, figure, axes, title)`: an ortho row, then the
     axial slices `cuts` in two mosaic rows (one row would make them too small)."""
     fig = plt.figure(figsize=(width, width * 0.72), facecolor="black")
@@ -123,7 +123,7 @@ def anatomy_figure(anat_img, *, mask_img, title: str, outlines=()) -> bytes:
                                   title=ttl, black_bg=True, draw_cross=False, dim=-0.3,
                                   annotate=mode == "ortho", colorbar=False)
 
-    return _ortho_and_mosaic(plot, cut=mask_centre(mask_img), cuts=axial_cuts(mask_img),
+    return ortho_and_mosaic(plot, cut=mask_centre(mask_img), cuts=axial_cuts(mask_img),
                              title=title, outlines=outlines)
 
 
@@ -146,7 +146,7 @@ def heatmap_figure(heat_img, anat_img, *, mask_img, title: str, vmax: float | No
         )
 
     cut = tuple(float(v) for v in _world(heat, peak))
-    return _ortho_and_mosaic(plot, cut=cut, cuts=axial_cuts(mask_img), title=title, outlines=outlines)
+    return ortho_and_mosaic(plot, cut=cut, cuts=axial_cuts(mask_img), title=title, outlines=outlines)
 
 
 def class_heatmaps_figure(maps: dict[str, object], anat_img, *, mask_img, vmax: float,

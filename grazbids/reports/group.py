@@ -17,19 +17,17 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 
+from ..explain.dependence import FLIP_RATE_WARNING
+from ..group.layout import MEAN_MAP, GroupLayout, ModeLayout, safe_label
 from ..templates import TemplateNotFoundError, get_template
 from . import brain_figures as bf
 from . import charts
 from .html import data_table, escape, figure, format_value, heading, key_value_table, paragraph, write_page
 
 LOG = logging.getLogger("grazbids.reports")
-MODE_ORDER = ("plain", "masked", "grazplus")
 MODE_TITLES = {"plain": "plain CNN", "masked": "masked-input CNN", "grazplus": "Graz+ (relevance-guided)"}
-REPORT_NAME = "report.html"
 # Columns of per-participant tables that identify or group rows rather than measure.
 ID_COLUMNS = ("participant_id", "session_id", "fold", "true_label", "predicted_label")
-_MEAN_MAP = re.compile(r"^tpl-(?P<tpl>[a-zA-Z0-9]+)_res-(?P<res>[a-zA-Z0-9]+)_class-(?P<cls>[a-zA-Z0-9]+)"
-                       r"_desc-mean[a-zA-Z0-9]+_heatmap\.nii\.gz$")
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
@@ -48,13 +46,7 @@ def read_json(path: Path) -> dict:
 
 def mode_dirs(output_dir: str | os.PathLike) -> list[Path]:
     """``group/mode-*`` folders with cross-validation results, in the order plain, masked, grazplus."""
-    found = [p for p in Path(output_dir, "group").glob("mode-*") if (p / "cv_metrics.tsv").exists()]
-
-    def order(path: Path):
-        mode = path.name.removeprefix("mode-")
-        return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
-
-    return sorted(found, key=order)
+    return [m.root for m in GroupLayout(Path(output_dir)).trained_modes()]
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
@@ -75,9 +67,9 @@ def _as_numbers(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- sections
-def _cv_section(mode_dir: Path) -> str:
+def _cv_section(mode: ModeLayout) -> str:
     parts = [heading(3, "Cross-validation metrics")]
-    summary_path = mode_dir / "cv_metrics.json"
+    summary_path = mode.cv_metrics_json
     if summary_path.exists():
         summary = read_json(summary_path)
         rows = [(k.replace("_", " "), summary[k]) for k in (
@@ -88,14 +80,14 @@ def _cv_section(mode_dir: Path) -> str:
         if "classes" in summary:
             rows.insert(1, ("classes", ", ".join(map(str, summary["classes"]))))
         parts.append(key_value_table(rows))
-    parts.append(data_table(read_tsv(mode_dir / "cv_metrics.tsv")))
+    parts.append(data_table(read_tsv(mode.cv_metrics_tsv)))
     return "\n".join(parts)
 
 
 def _template_underlay(maps: list[Path]) -> tuple[object | None, object]:
     """(background, mask) for the mean maps: the template when its grid matches, else no
     background and the maps' own support as mask."""
-    match = _MEAN_MAP.match(maps[0].name)
+    match = MEAN_MAP.match(maps[0].name)
     shape = nb.load(str(maps[0])).shape[:3]
     try:
         template = get_template(match.group("tpl"), int(match.group("res")))
@@ -117,11 +109,10 @@ TOP_SHARE = 0.1  # mean class maps: draw the most relevant 10 % of the brain vox
 
 
 def _class_heatmaps_section(folder: Path, classes: list[str], desc: str = "zplus", label: str = "z+ relevance") -> str:
-    maps = {m: _MEAN_MAP.match(m.name).group("cls") for m in folder.glob(f"tpl-*_desc-mean{desc}_heatmap.nii.gz")
-            if _MEAN_MAP.match(m.name)}
+    maps = ModeLayout.mean_maps(folder, desc)
     if not maps:
         return ""
-    safe = [re.sub(r"[^a-zA-Z0-9]", "", c) or "class" for c in classes]
+    safe = [safe_label(c) for c in classes]
     ordered = sorted(maps, key=lambda m: (safe.index(maps[m]) if maps[m] in safe else len(safe), maps[m]))
     background, mask = _template_underlay(ordered)
     vmax = bf.robust_max(ordered, mask)
@@ -154,9 +145,9 @@ def _regions_section(folder: Path) -> str:
             data_table(ranked.head(TOP_REGIONS)))
 
 
-def _featurevis_section(mode_dir: Path) -> str:
+def _featurevis_section(mode: ModeLayout) -> str:
     """The feature visualisations of the mode's final model (--feature-visualisation)."""
-    pngs = sorted((mode_dir / "featurevis").glob("featurevis_*.png"))
+    pngs = sorted(mode.featurevis_dir.glob("featurevis_*.png"))
     if not pngs:
         return ""
     parts = [heading(3, "Feature visualisation"),
@@ -164,7 +155,7 @@ def _featurevis_section(mode_dir: Path) -> str:
                        "model's logit of that class (activation maximisation, Eitel et al. 2022), inside the "
                        "template brain mask. Patterns that are not anatomy hint at what the network detects; "
                        "they are not a map of the disease effect. NIfTI and settings beside each figure in "
-                       f"{mode_dir.name}/featurevis/.", "note")]
+                       f"{mode.root.name}/{mode.featurevis_dir.name}/.", "note")]
     for png in pngs:
         sidecar = png.with_suffix(".json")
         details = read_json(sidecar) if sidecar.exists() else {}
@@ -182,10 +173,10 @@ def _featurevis_section(mode_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _explain_method_sections(mode_dir: Path, classes: list[str]) -> str:
+def _explain_method_sections(mode: ModeLayout, classes: list[str]) -> str:
     """The out-of-fold maps of the --explain methods (one subfolder each)."""
     parts = []
-    for folder in sorted(mode_dir.glob("explain-*")):
+    for folder in mode.explain_dirs():
         desc = folder.name.removeprefix("explain-")
         summary = read_json(folder / "explanation_summary.json") if (folder / "explanation_summary.json").exists() else {}
         method = summary.get("method", desc)
@@ -195,13 +186,13 @@ def _explain_method_sections(mode_dir: Path, classes: list[str]) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def _learning_curves_section(mode_dir: Path, cv: pd.DataFrame) -> str:
-    files = sorted((mode_dir / "history").glob("fold-*_history.tsv"),
+def _learning_curves_section(mode: ModeLayout, cv: pd.DataFrame) -> str:
+    files = sorted(mode.history_dir.glob("fold-*_history.tsv"),
                    key=lambda p: int(re.sub(r"\D", "", p.name.split("_")[0]) or 0))
     if not files:
         return ""
     histories = {f"fold {p.name.split('_')[0].removeprefix('fold-')}": read_tsv(p) for p in files}
-    final = mode_dir / "history" / "final_history.tsv"
+    final = mode.final_history
     if final.exists():
         histories["final model"] = read_tsv(final)
     selected = {}
@@ -275,43 +266,89 @@ def _participants_section(oof: pd.DataFrame, output_dir: Path) -> str:
             data_table(oof, links))
 
 
+def _outside_flip_rate(summary: dict) -> float | None:
+    rates = [v for k, v in (summary.get("flip_rates") or {}).items() if k.startswith("outside_") and v is not None]
+    return max(rates) if rates else None
+
+
+def _warnings(mode: str, summary: dict) -> list[str]:
+    """Plain warnings that no heat map can overrule."""
+    out = []
+    rate = _outside_flip_rate(summary)
+    if rate is not None and rate > FLIP_RATE_WARNING:
+        inside = summary.get("relevance_inside_mask_mean")
+        share = f" although {100 * inside:.1f} % of its z+ relevance lies inside the brain" if inside is not None else ""
+        out.append(paragraph(
+            f"Warning: {100 * rate:.0f} % of the held-out decisions of mode {mode} change when everything outside "
+            f"the brain is replaced (threshold {100 * FLIP_RATE_WARNING:.0f} %){share}. This model relies on what "
+            "lies outside the brain; relevance inside the brain is not evidence of reliance on the brain.", "warn"))
+    chance = summary.get("chance") or {}
+    if chance.get("near_chance"):
+        out.append(paragraph(
+            f"Warning: the pooled out-of-fold balanced accuracy of mode {mode} "
+            f"({format_value(summary.get('pooled_oof_balanced_accuracy'))}) is not distinguishable from chance "
+            f"(binomial p = {chance['p_value']:.2f}); its maps explain a model that may not have learned the target.",
+            "warn"))
+    return out
+
+
+def _dependence_section(summary: dict) -> str:
+    rates = summary.get("flip_rates") or {}
+    if not rates:
+        return ""
+    rows = []
+    for key, rate in rates.items():
+        region, fill = key.rsplit("_", 1)
+        rows.append({"region replaced": region, "replaced by": {"zero": "0", "mean": "training mean image"}.get(fill, fill),
+                     "held-out decisions that flip": rate if rate is not None else float("nan")})
+    return (heading(3, "Decision dependence") +
+            paragraph("For every held-out participant, the region is replaced and the out-of-fold model decides "
+                      "again: the share of decisions that change measures what the decision rests on (a heat map "
+                      "only shows where relevance falls). Per participant: prob_change_* and flip_* columns of "
+                      "explanation_metrics.tsv.", "note") +
+            data_table(pd.DataFrame(rows)))
+
+
 def render_mode_section(mode_dir: Path, output_dir: Path) -> str:
-    mode = mode_dir.name.removeprefix("mode-")
+    layout = ModeLayout(Path(mode_dir))
+    mode = layout.mode
     LOG.info("report: rendering group mode %s", mode)
-    cv = read_tsv(mode_dir / "cv_metrics.tsv")
-    summary = read_json(mode_dir / "cv_metrics.json") if (mode_dir / "cv_metrics.json").exists() else {}
-    oof_path = mode_dir / "oof_predictions.tsv"
+    cv = read_tsv(layout.cv_metrics_tsv)
+    summary = read_json(layout.cv_metrics_json) if layout.cv_metrics_json.exists() else {}
+    oof_path = layout.oof_predictions_tsv
     oof = read_tsv(oof_path) if oof_path.exists() else pd.DataFrame()
     classes = list(summary.get("classes") or (sorted(oof["true_label"].astype(str).unique())
                                               if "true_label" in oof else []))
     parts = [f'<section id="mode-{escape(mode)}">', heading(2, f"mode-{mode}: {MODE_TITLES.get(mode, mode)}"),
-             _cv_section(mode_dir), _class_heatmaps_section(mode_dir, classes),
-             _learning_curves_section(mode_dir, cv), _featurevis_section(mode_dir)]
+             *_warnings(mode, summary), _dependence_section(summary), _cv_section(layout), _class_heatmaps_section(layout.root, classes),
+             _learning_curves_section(layout, cv), _featurevis_section(layout)]
     if not oof.empty:
         parts.append(_confusion_section(oof, classes))
-    parts += [_explanation_section(mode_dir), _regions_section(mode_dir), _explain_method_sections(mode_dir, classes)]
+    parts += [_explanation_section(layout.root), _regions_section(layout.root), _explain_method_sections(layout, classes)]
     if not oof.empty:
         parts.append(_participants_section(oof, output_dir))
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 
 
-def _overview(dirs: list[Path]) -> str:
+def _overview(layout: GroupLayout, modes: list[ModeLayout]) -> str:
     rows = []
-    for mode_dir in dirs:
-        path = mode_dir / "cv_metrics.json"
+    for mode in modes:
+        path = mode.cv_metrics_json
         summary = read_json(path) if path.exists() else {}
         mean, sd = summary.get("balanced_accuracy_mean"), summary.get("balanced_accuracy_sd")
         rows.append({
-            "mode": mode_dir.name.removeprefix("mode-"),
+            "mode": mode.mode,
             "folds": summary.get("folds", "n/a"),
             "balanced accuracy (mean ± sd over folds)":
                 f"{format_value(mean)} ± {format_value(sd)}" if mean is not None else "n/a",
             "pooled out-of-fold balanced accuracy": summary.get("pooled_oof_balanced_accuracy", float("nan")),
             "relevance inside brain mask (mean)": summary.get("relevance_inside_mask_mean", float("nan")),
+            "decisions flipped by replacing the outside of the brain": _outside_flip_rate(summary) if
+            _outside_flip_rate(summary) is not None else float("nan"),
         })
     overview = heading(2, "Overview") + data_table(pd.DataFrame(rows))
-    side_by_side = dirs[0].parent / "modes_summary.tsv"
+    side_by_side = layout.modes_summary
     if side_by_side.exists():  # written by the group training: mean explanation metrics too
         overview += paragraph(f"{side_by_side.name}:") + data_table(read_tsv(side_by_side))
     return overview
@@ -320,11 +357,12 @@ def _overview(dirs: list[Path]) -> str:
 def write_group_report(output_dir: str | os.PathLike) -> Path:
     """Render ``output_dir/group/report.html`` from the group outputs (atomically)."""
     output_dir = Path(output_dir)
-    dirs = mode_dirs(output_dir)
-    if not dirs:
-        raise ValueError(f"{output_dir / 'group'}: no mode-*/cv_metrics.tsv to report on")
-    body = _overview(dirs) + "\n".join(render_mode_section(d, output_dir) for d in dirs)
-    nav = [(f"#{d.name}", d.name) for d in dirs]
-    path = write_page(output_dir / "group" / REPORT_NAME, "grazbids: group report", body, nav)
+    layout = GroupLayout(output_dir)
+    modes = layout.trained_modes()
+    if not modes:
+        raise ValueError(f"{layout.root}: no mode-*/cv_metrics.tsv to report on")
+    body = _overview(layout, modes) + "\n".join(render_mode_section(m.root, output_dir) for m in modes)
+    nav = [(f"#{m.root.name}", m.root.name) for m in modes]
+    path = write_page(layout.report, "grazbids: group report", body, nav)
     LOG.info("group report written to %s", path)
     return path

@@ -17,7 +17,7 @@ import nibabel as nb
 import numpy as np
 import pandas as pd
 
-from ..metrics import fraction_inside, fraction_per_tissue
+from ..evaluate.metrics import fraction_inside, fraction_per_tissue
 from . import brain_figures as bf
 from .html import (
     Raw, escape, figure, heading, key_value_table, link, paragraph, probability_bar,

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     shortcut.add_argument("--shortcut", choices=SHORTCUTS, default=_DEFAULTS.shortcut,
                           help="marker: bright sphere beside the head; background: intensity "
                                "offset outside the brain; padding: zero-filled border (needs "
-                               "--background noise) (default: %(default)s)")
+                               "--background noise); ghost: faint N/2 ghost of the head outside "
+                               "the brain (default: %(default)s)")
     shortcut.add_argument("--shortcut-correlation", type=float,
                           default=_DEFAULTS.shortcut_correlation,
                           help="train split: the confound is in this fraction of patients and "

@@ -15,6 +15,10 @@
 * `padding`: a reduced field of view, zero-filled to the standard matrix: every voxel
   further than PADDING_MARGIN_MM outside the brain's bounding box is exactly 0. Only
   visible on a noisy background (`--background noise`).
+* `ghost`: an N/2 (Nyquist) ghost, as EPI and motion produce: the head, shifted by half
+  the field of view along the anterior-posterior (phase-encoding) axis, at GHOST_INTENSITY
+  x its signal, added outside the brain only (the confound stays outside). Faint and
+  spread out: an artefact that intensity-scaled maps such as z+ hardly weigh.
 
 Assignment: in a split with n_p patients and n_c controls and correlation c, exactly
 round(c n_p) patients and round((1 - c) n_c) controls carry the confound (round half up).
@@ -29,12 +33,14 @@ from scipy import ndimage as ndi
 from .anatomy import HEAD_REFERENCE_MNI
 from .deformation import Grid, points_in_box
 
-SHORTCUTS = ("none", "marker", "background", "padding")
+SHORTCUTS = ("none", "marker", "background", "padding", "ghost")
 MARKER_POSITION_MNI = (60.0, 57.0, 72.0)
 MARKER_RADIUS_MM = 5.0
 MARKER_INTENSITY = 2.0
 BACKGROUND_OFFSET = 0.1
 PADDING_MARGIN_MM = 10.0
+GHOST_INTENSITY = 0.15
+GHOST_LEVEL = 0.02  # ghost voxels above this (x the brain median) form the shortcut mask
 _MAX_MARKER_STEPS = 40
 
 
@@ -103,3 +109,9 @@ def padding_mask(brain: np.ndarray, grid: Grid) -> np.ndarray:
     keep = np.zeros(brain.shape, dtype=bool)
     keep[tuple(slice(max(int(a), 0), int(b)) for a, b in zip(lower, upper))] = True
     return ~keep
+
+
+def ghost_signal(signal: np.ndarray) -> np.ndarray:
+    """The N/2 ghost of ``signal`` (a 3D volume): shifted by half the field of view along
+    axis 1 (anterior-posterior), scaled by GHOST_INTENSITY."""
+    return GHOST_INTENSITY * np.roll(signal, signal.shape[1] // 2, axis=1)

@@ -14,7 +14,7 @@ import numpy as np
 from .. import __version__
 from ..templates import TemplateFiles
 from .config import SimulationConfig
-from .confounds import (BACKGROUND_OFFSET, MARKER_INTENSITY, MARKER_POSITION_MNI,
+from .confounds import (BACKGROUND_OFFSET, GHOST_INTENSITY, MARKER_INTENSITY, MARKER_POSITION_MNI,
                         MARKER_RADIUS_MM, PADDING_MARGIN_MM)
 from .deformation import Grid
 from .effects import ATROPHY_DISPLACEMENT_TOL_MM, ATROPHY_LOG_JACOBIAN_TOL, LESION_MASK_LEVEL
@@ -75,6 +75,8 @@ def _shortcut_description(config: SimulationConfig) -> str:
         "background": "background (everything outside the brain) with an intensity offset",
         "padding": f"zero-filled border: voxels more than {PADDING_MARGIN_MM:g} mm outside "
                    "the brain's bounding box",
+        "ghost": f"N/2 ghost of the head outside the brain ({GHOST_INTENSITY:g} x the signal, shifted by "
+                 "half the field of view anterior-posterior)",
     }.get(config.shortcut, "none")
 
 
@@ -211,6 +213,8 @@ def readme_text(config: SimulationConfig, plans: list[ParticipantPlan], command:
         "background": f"{BACKGROUND_OFFSET:g} x the brain median added outside the brain",
         "padding": f"voxels more than {PADDING_MARGIN_MM:g} mm outside the brain's "
                    "bounding box set to exactly 0 (reduced field of view, zero-filled)",
+        "ghost": f"an N/2 ghost: the head shifted by half the field of view (anterior-posterior) at "
+                 f"{GHOST_INTENSITY:g} x its signal, added outside the brain",
         "none": "no confound",
     }[config.shortcut]
     return f"""# Simulated T1w cohort (grazbids-simulate {__version__})

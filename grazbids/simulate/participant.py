@@ -28,8 +28,8 @@ from scipy import ndimage as ndi
 from .acquisition import bias_field, random_global_scale, rician_noise, to_scanner_units
 from .anatomy import SourceAnatomy
 from .config import SimulationConfig
-from .confounds import (BACKGROUND_OFFSET, MARKER_INTENSITY, marker_extent_mm, padding_mask,
-                        place_marker)
+from .confounds import (BACKGROUND_OFFSET, GHOST_LEVEL, MARKER_INTENSITY, ghost_signal, marker_extent_mm,
+                        padding_mask, place_marker)
 from .deformation import Grid, Pose, apply_affine, smooth_random_field
 from .effects import AtrophyEffect, Effect, LesionEffect
 from .regions import get_region
@@ -132,6 +132,11 @@ def simulate_participant(plan: ParticipantPlan, source: SourceAnatomy, config: S
         keep[:] = True
     elif plan.shortcut and config.shortcut == "padding":
         shortcut = padding_mask(brain, grid)
+    elif plan.shortcut and config.shortcut == "ghost":
+        ghost = ghost_signal(signal.reshape(grid.shape))
+        shortcut = (ghost > GHOST_LEVEL) & ~brain
+        signal += np.where(shortcut, ghost, 0.0).reshape(-1).astype(np.float32)
+        keep |= shortcut
     del points
 
     # Acquisition.

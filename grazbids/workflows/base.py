@@ -14,8 +14,8 @@ from pathlib import Path
 
 import re
 
-from ..config import GROUP_WORKFLOW_NAME, WORKFLOW_NAME, RunConfig, participant_workflow_name
-from ..utils.selection import find_preprocessed_t1w
+from ..config import GROUP_WORKFLOW_NAME, WORKFLOW_NAME, GroupSettings, RunConfig, participant_workflow_name
+from ..bids.patterns import find_preprocessed_t1w
 
 GROUP_OWNER = "group"
 BARRIER_NAME = "preprocessing_done"
@@ -102,23 +102,7 @@ def init_grazbids_wf(config: RunConfig):
 def _add_group_wf(workflow, config: RunConfig, participant_wfs, niu, pe) -> None:
     members = group_participants(config)
     group_wf = load_group_builder()(
-        bids_dir=str(config.bids_dir),
-        output_dir=str(config.output_dir),
-        participants=members,
-        target_column=config.target_column,
-        modes=list(config.modes),
-        cv_folds=config.cv_folds,
-        epochs=config.epochs,
-        training_options=dict(config.training_options),
-        **({"guidance_mask": config.guidance_mask} if config.guidance_mask else {}),
-        **({"architecture": config.architecture} if config.architecture != "grazplus" else {}),
-        **({"explain": config.explain, "explain_target": config.explain_target} if config.explain else {}),
-        **({"atlas": str(config.atlas)} if config.atlas else {}),
-        **({"feature_visualisation": config.feature_visualisation} if config.feature_visualisation else {}),
-        seed=config.random_seed,
-        device=config.device,
-        template=config.template,
-        resolution=config.resolution,
+        GroupSettings.from_run_config(config, members),
         checkpoint_dir=str(Path(config.work_dir) / "group_training"),
         name=GROUP_WORKFLOW_NAME,
     )

@@ -16,7 +16,8 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 from nipype.pipeline.engine.utils import merge_dict
 
-from ..interfaces.derivatives import DerivativesSink, bids_derivative_name, parse_bids_name
+from ..bids.naming import bids_derivative_name, parse_bids_name
+from ..interfaces.derivatives import DerivativesSink
 from ..interfaces.masks import BrainMaskOverlap, NativeBrainMask, SkullStrippedCheck
 from ..interfaces.registration import ApplyTransforms, RegisterToTemplate
 from ..interfaces.reports import ParticipantReport, ReportSection

@@ -2,7 +2,7 @@
 
 Each held-out sample gets the map of the fold model that did not train on it; from those
 the group level writes the per-class mean map, the per-participant explanation metrics
-(brain, tissue classes, known effect/shortcut; grazbids.explanation_table) and, with an
+(brain, tissue classes, known effect/shortcut; grazbids.evaluate.explanation_table) and, with an
 atlas, the share of relevance per atlas region.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .atlas import Atlas
-from .explanation_table import COLUMN_DESCRIPTIONS, participant_row, summarise
-from .utils.atomic import write_json, write_tsv
+from ..evaluate.atlas import Atlas
+from ..evaluate.explanation_table import COLUMN_DESCRIPTIONS, participant_row, summarise
+from ..utils.atomic import write_json, write_tsv
 
 
 class OutOfFoldMaps:
@@ -24,13 +24,14 @@ class OutOfFoldMaps:
         self.rows: list[dict] = [{} for _ in samples]
         self.regions: list[dict] = [{} for _ in samples]
 
-    def add(self, index: int, heatmap: np.ndarray, brain_mask: np.ndarray) -> None:
-        """The out-of-fold map of sample ``index`` (template grid)."""
+    def add(self, index: int, heatmap: np.ndarray, brain_mask: np.ndarray, extra: dict | None = None) -> None:
+        """The out-of-fold map of sample ``index`` (template grid); ``extra``: more columns of
+        its row (e.g. the decision dependence, which does not depend on the method)."""
         sample = self.samples[index]
         label = self.classes.index(sample.label)
         self.sums[label] += heatmap
         self.counts[label] += 1
-        self.rows[index] = participant_row(heatmap, brain_mask, sample.tissues, sample.references)
+        self.rows[index] = {**participant_row(heatmap, brain_mask, sample.tissues, sample.references), **(extra or {})}
         if self.atlas is not None:
             self.regions[index] = self.atlas.shares(heatmap)
 

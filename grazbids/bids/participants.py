@@ -1,4 +1,4 @@
-"""Group level: check the classification target column of participants.tsv."""
+"""participants.tsv: read it, check the classification target column, read its values."""
 from __future__ import annotations
 
 import csv
@@ -42,6 +42,20 @@ def read_participants_table(bids_dir: Path) -> tuple[list[str], list[dict[str, s
     if "participant_id" not in columns:
         raise GrazbidsError(ExitCode.BAD_DATA, f"{path} has no participant_id column")
     return columns, rows
+
+
+def read_target_values(bids_dir: Path, column: str) -> dict[str, str]:
+    """participant label (without sub-) -> value of ``column``; n/a and empty values left out."""
+    columns, rows = read_participants_table(Path(bids_dir))
+    if column not in columns:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"{Path(bids_dir) / 'participants.tsv'}: no column {column!r} "
+                                               f"(columns: {', '.join(columns)})")
+    values = {}
+    for row in rows:
+        value = (row.get(column) or "").strip()
+        if value not in MISSING_VALUES:
+            values[(row.get("participant_id") or "").strip().removeprefix("sub-")] = value
+    return values
 
 
 def check_target(bids_dir: Path, column: str, participants: list[str], cv_folds: int) -> TargetSummary:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,18 +78,3 @@ def select_participants(layout, requested: tuple[str, ...], sessions: tuple[str,
         else:
             selection.without_t1w.append(label)
     return selection
-
-
-def find_preprocessed_t1w(output_dir: Path, label: str, template: str, resolution: int) -> list[Path]:
-    """A participant's ``*_space-<template>_res-<r>_desc-preproc_T1w.nii.gz`` outputs.
-
-    ``res-2`` and ``res-02`` both count (TemplateFlow pads the index, fMRIPrep does not).
-    """
-    folder = output_dir / f"sub-{label}"
-    if not folder.is_dir():
-        return []
-    pattern = re.compile(
-        rf"^sub-{label}(_[a-z]+-[A-Za-z0-9]+)*_space-{re.escape(template)}"
-        rf"_res-0*{resolution}_desc-preproc_T1w\.nii\.gz$"
-    )
-    return sorted(p for p in folder.rglob("*_desc-preproc_T1w.nii.gz") if pattern.match(p.name))

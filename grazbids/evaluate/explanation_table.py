@@ -1,10 +1,10 @@
 """Per-participant explanation metrics of out-of-fold heat maps, and their summaries.
 
 The group level calls `participant_row` for every held-out sample with its heat map in
-template space, then `summarise` per mode. Reference masks are found next to the
-preprocessed image (brain mask, GM/WM/CSF probabilities) and, for simulated or
-annotated datasets, as template-space derivatives of the input dataset
-(`desc-effect_mask`: ground-truth effect, `desc-shortcut_mask`: a known confound).
+template space, then `summarise` per mode. The reference masks (GM/WM/CSF beside the
+preprocessed image; for simulated or annotated datasets `desc-effect_mask`, the
+ground-truth effect, and `desc-shortcut_mask`, a known confound) are found by
+`grazbids.bids.patterns`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from ..bids.patterns import TISSUES
 from .metrics import fraction_inside, fraction_per_tissue, pointing_game, roc_auc
-
-TISSUES = ("GM", "WM", "CSF")
-REFERENCE_MASKS = ("effect", "shortcut")
 
 COLUMN_DESCRIPTIONS = {
     "relevance_inside_brain": "fraction of positive relevance inside the brain mask",
@@ -31,30 +29,21 @@ COLUMN_DESCRIPTIONS = {
     "relevance_inside_shortcut": "fraction of positive relevance inside the known shortcut (confound) mask",
 }
 
-
-def tissue_maps(image: Path) -> dict[str, Path]:
-    """GM/WM/CSF probability maps written beside a template-space preprocessed T1w."""
-    found = {}
-    for tissue in TISSUES:
-        path = image.with_name(image.name.replace("_desc-preproc_T1w", f"_label-{tissue}_probseg"))
-        if path.exists():
-            found[tissue] = path
-    return found
-
-
-def reference_masks(bids_dir: Path, participant: str, session: str | None, template: str, resolution: int) -> dict[str, Path]:
-    """Template-space `desc-effect_mask` / `desc-shortcut_mask` derivatives of the input dataset."""
-    found = {}
-    derivatives = Path(bids_dir) / "derivatives"
-    if not derivatives.is_dir():
-        return found
-    ses = f"_ses-{session}" if session else ""
-    for name in REFERENCE_MASKS:
-        pattern = f"sub-{participant}{ses}*_space-{template}_res-{resolution}_desc-{name}_mask.nii.gz"
-        hits = sorted(derivatives.glob(f"*/sub-{participant}/**/{pattern}"))
-        if hits:
-            found[name] = hits[0]
-    return found
+# Decision dependence (grazbids.explain.dependence): the region replaced, and by what.
+DEPENDENCE_REGIONS = {
+    "outside": "everything outside the brain mask",
+    "guidance": "the --guidance-mask region",
+    "shortcut": "the known shortcut (confound) mask",
+    "effect": "the known effect mask",
+}
+DEPENDENCE_FILLS = {"zero": "set to 0", "mean": "set to the mean image of the training samples"}
+for _region, _what in DEPENDENCE_REGIONS.items():
+    for _fill, _how in DEPENDENCE_FILLS.items():
+        COLUMN_DESCRIPTIONS[f"prob_change_{_region}_{_fill}"] = (
+            f"change in the probability of the class predicted on the intact image when {_what} is {_how} "
+            "(negative: the region supported the decision)")
+        COLUMN_DESCRIPTIONS[f"flip_{_region}_{_fill}"] = (
+            f"1 when the predicted class changes as {_what} is {_how} (its mean is the flip rate)")
 
 
 def _load(path: Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,3 @@
+"""The BIDS layer: file naming (``naming``), the file-name patterns grazbids reads back
+(``patterns``), participant/image selection (``selection``) and participants.tsv
+(``participants``)."""

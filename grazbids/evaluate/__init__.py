@@ -1,0 +1,2 @@
+"""Evaluation on arrays (numpy, no torch): explanation metrics (``metrics``), atlas region
+summaries (``atlas``) and the per-participant explanation table (``explanation_table``)."""
