@@ -116,8 +116,8 @@ def evaluate(args, sim, out, cf, bundle, rows, train, test) -> int:
 
     from grazbids.engine import load_bundle
     from grazbids.explain import explain
-    from grazbids.inference import load_input, model_input
-    from grazbids.metrics import roc_auc
+    from grazbids.engine.inference import input_tensor as model_input, load_input
+    from grazbids.evaluate.metrics import roc_auc
     from grazbids.templates import get_template
 
     template = get_template("MNI152NLin2009aSym", 2)
@@ -212,7 +212,7 @@ def lowres(args, sim, out, rows, train, test) -> int:
     from grazbids.counterfactual.apply import counterfactuals
     from grazbids.engine import Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings
     from grazbids.explain import explain
-    from grazbids.metrics import roc_auc
+    from grazbids.evaluate.metrics import roc_auc
     from grazbids.templates import get_template
 
     f = args.in_process_downsample

@@ -66,6 +66,7 @@ class RunConfig:
     guidance_mask: str | None = None  # e.g. "desc-lesion": relevance-term mask instead of the brain
     atlas: Path | None = None  # group level: label image in the template space (relevance per region)
     feature_visualisation: int = 0  # group level: gradient-ascent steps per class (0: no feature visualisation)
+    counterfactual: int = 0  # group level: epochs of a counterfactual simulator per mode (0: none)
     random_seed: int = DEFAULT_SEED
     # execution
     nprocs: int = 1
@@ -117,6 +118,7 @@ class GroupSettings:
     explain_target: str = "predicted"
     atlas: Path | None = None
     feature_visualisation: int = 0
+    counterfactual: int = 0  # simulator epochs (0: no counterfactual simulator)
 
     @classmethod
     def from_run_config(cls, config: RunConfig, participants: tuple[str, ...] | list[str]) -> "GroupSettings":
@@ -127,7 +129,7 @@ class GroupSettings:
             resolution=config.resolution, training_options=dict(config.training_options),
             architecture=config.architecture, guidance_mask=config.guidance_mask, explain=tuple(config.explain),
             explain_target=config.explain_target, atlas=config.atlas,
-            feature_visualisation=config.feature_visualisation,
+            feature_visualisation=config.feature_visualisation, counterfactual=config.counterfactual,
         )
 
     def to_dict(self) -> dict:

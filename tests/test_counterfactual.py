@@ -390,3 +390,54 @@ def test_participant_level_adds_counterfactual_outputs_when_the_bundle_holds_a_s
 
     field = nb.load(out.inject_displacement)
     assert field.shape == (12, 12, 12, 3) and field.header.get_intent()[0] == "displacement vector"
+
+
+# --------------------------------------------------------------------------- group level
+def test_group_option_adds_a_counterfactual_node_before_the_report(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import networkx
+
+    from cli_helpers import fake_participant_builder
+    from grazbids.cli.parser import parse_args
+    from grazbids.workflows import base
+
+    monkeypatch.setattr(base, "load_participant_builder", fake_participant_builder)
+    for folder in ("bids", "out"):
+        (tmp_path / folder).mkdir()
+    args = [str(tmp_path / "bids"), str(tmp_path / "out"), "group", "--target-column", "dx"]
+    assert parse_args(args).counterfactual == 0
+    assert parse_args(args + ["--counterfactual"]).counterfactual == 30
+    config = parse_args(args + ["--counterfactual", "5"])
+    config = replace(config, t1w_files={"01": (tmp_path / "a.nii.gz",)}, group_participants=("01",))
+    graph = base.init_grazbids_wf(config)._create_flat_graph()
+    node = {n.fullname.split(".", 1)[-1]: n for n in graph.nodes}
+    train, cf, report = node["group_wf.train"], node["group_wf.counterfactual"], node["group_wf.report"]
+    assert cf.inputs.settings["counterfactual"] == 5 and train.inputs.settings["counterfactual"] == 5
+    assert networkx.has_path(graph, train, cf) and networkx.has_path(graph, cf, report)
+
+
+def test_group_counterfactual_writes_the_simulator_and_group_maps(trained_classifier, tmp_path, monkeypatch):
+    import nibabel as nb
+
+    from grazbids.counterfactual import group as group_module
+
+    model, images, masks, labels = trained_classifier
+    bundle = _bundle(tmp_path / "group" / "mode-plain", model)
+    monkeypatch.setattr(group_module, "load_training_images",
+                        lambda card, bids, out, participants: (images, masks, labels, [f"{i:02d}" for i in range(8)]))
+    monkeypatch.setattr(group_module, "_reference",
+                        lambda out, tpl, res: nb.Nifti1Image(np.zeros((12, 12, 12), np.float32), np.eye(4)))
+    from grazbids.counterfactual import run as run_module
+
+    real_train = run_module.train_simulator
+    monkeypatch.setattr(group_module, "train_simulator", lambda *a, **k: real_train(
+        *a, **{**k, "field_downsample": 1, "channels": (4, 8), "n_experts": 2}))
+    out = group_module.group_counterfactual(bundle, bids_dir=tmp_path, output_dir=tmp_path, participants=[],
+                                            epochs=1, seed=0, device="cpu", workdir=tmp_path / "work")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["positive_class"] == "patient" and set(summary["maps"]) <= {"control/inject", "patient/remove"}
+    assert summary["maps"] and sum(summary["n_per_map"].values()) == summary["n_correctly_classified"]
+    for name in summary["maps"].values():
+        assert nb.load(out / name).shape == (12, 12, 12)
+    load_simulator(bundle)  # the bundle holds a simulator made for this classifier

@@ -24,8 +24,8 @@ def load_training_images(card: dict, bids_dir: str | Path, derivatives_dir: str 
     target column; images normalised as the card says."""
     import nibabel as nb
 
-    # the group level's sample discovery (moves to grazbids.group with issue 11)
-    from ..group_training import GroupInputError, find_samples, read_targets
+    # the group level's sample discovery
+    from ..group.cohort import GroupInputError, find_samples, read_targets
 
     column = card["target_column"]
     try:

@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..engine.bundle import ModelBundleError, load_bundle, read_card
 from ..engine.device import resolve_device
-from ..inference import load_input, model_input
+from ..engine.inference import input_tensor, load_input
 from ..utils.atomic import atomic_path, write_json
 from .apply import DIRECTIONS, counterfactuals, displacement_image, volume
 from .bundle import SIMULATOR_DIR, SimulatorBundleError, classifier_hash, load_simulator, save_simulator
@@ -119,7 +119,7 @@ def apply_to_image(bundle: str | Path, t1w_template: str | Path, mask_template: 
     classifier, card = load_bundle(bundle, device=dev)
     positive = [str(c) for c in card["classes"]].index(str(sim_card["classifier"]["positive_class"]))
     data, mask, affine = load_input(t1w_template, mask_template, card)
-    x = model_input(data, mask, card, dev)
+    x = input_tensor(data, mask, card, dev)
     raw = nb.load(str(t1w_template))
     display = torch.from_numpy(np.asanyarray(raw.dataobj, dtype=np.float32))[None, None].to(dev)
     results = counterfactuals(classifier, simulator, x, torch.from_numpy(mask).to(dev), positive, display, directions)
