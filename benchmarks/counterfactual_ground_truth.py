@@ -259,7 +259,8 @@ def lowres(args, sim, out, rows, train, test) -> int:
     simulator = sfit.simulator.eval()
     results = {}
     for i, k in enumerate(ids):
-        results[k] = counterfactuals(classifier, simulator, x[i:i + 1], m[i:i + 1], 1)
+        needed = ("remove",) if y[i] == 1 else ("inject",)  # the direction each image is evaluated in
+        results[k] = counterfactuals(classifier, simulator, x[i:i + 1], m[i:i + 1], 1, directions=needed)
     flips, folded = [], []
     for i, k in enumerate(ids):
         direction = "remove" if y[i] == 1 else "inject"
