@@ -1,10 +1,10 @@
 # grazbids BIDS App image.
 #
-#   docker build -t grazbids:0.1.0 .                                     # CPU build (default)
-#   docker build -t grazbids:0.1.0-cuda \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # CUDA build
-#   docker run --rm -v /data/ds:/bids:ro -v /data/out:/out -v /scratch/w:/work \
-#       grazbids:0.1.0 /bids /out participant -w /work
+#   docker build -t grazbids:0.1.0 -t grazbids:latest \
+#       --build-arg CONSTRAINTS_SHA256=$(sha256sum constraints.txt | cut -c1-64) .   # CPU build (default)
+#   docker build -t grazbids:0.1.0-cu128 --build-arg IMAGE_TAG=grazbids:0.1.0-cu128 \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .        # CUDA build
+#   docker run --rm -v /data/ds:/bids:ro -v /data/out:/out grazbids /bids /out participant
 #
 # Build arguments:
 #   BASE_IMAGE       a Python 3.11 image (python:3.11-slim) or plain Debian bookworm (Debian's
@@ -16,7 +16,9 @@
 #   TEMPLATEFLOW_TEMPLATES  extra TemplateFlow templates to embed, fetched at build time (needs
 #                    network), e.g. "MNI152NLin2009cAsym:1,2 MNI152NLin6Asym:2"
 #   BUILD_CA_BUNDLE  CA bundle path for pip/TemplateFlow downloads (TLS-inspecting proxies)
-#   PIP_INDEX_URL    a PyPI mirror
+#   PIP_INDEX_URL    a PyPI mirror, used for every pip step (with TORCH_INDEX_URL set, it
+#                    replaces pypi.org as the extra index of the PyTorch step)
+#   CONSTRAINTS_SHA256  sha256 of constraints.txt, checked and recorded in a label (optional)
 #   GRAZBIDS_VERSION must equal grazbids.__version__ (checked); VCS_REF, BUILD_DATE, SOURCE_URL
 #                    fill the OCI labels; IMAGE_TAG (default grazbids:<version>) is recorded as
 #                    GeneratedBy.Container.Tag in the derivatives' dataset_description.json
@@ -35,6 +37,7 @@ ARG GRAZBIDS_VERSION=0.1.0
 # TemplateFlow downloads behind a TLS-inspecting proxy; PIP_INDEX_URL works for mirrors
 ARG BUILD_CA_BUNDLE=""
 ARG PIP_INDEX_URL=""
+ARG CONSTRAINTS_SHA256=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -59,16 +62,21 @@ COPY . /src
 # packages' own test suites (about 300 MB) are dropped; the checks below import what runs.
 RUN set -eu; \
     if [ -n "${BUILD_CA_BUNDLE}" ]; then export PIP_CERT="${BUILD_CA_BUNDLE}"; fi; \
+    if [ -n "${CONSTRAINTS_SHA256}" ]; then echo "${CONSTRAINTS_SHA256}  /src/constraints.txt" | sha256sum -c -; fi; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
+    pins="-c /src/constraints.txt"; \
     find_links=""; \
     if [ -d /src/wheels ]; then find_links="--find-links /src/wheels"; fi; \
     if [ -n "${TORCH_INDEX_URL}" ]; then \
-        pip install $find_links --index-url "${TORCH_INDEX_URL}" \
-            --extra-index-url https://pypi.org/simple "${TORCH_SPEC}"; \
+        pip install $pins $find_links --index-url "${TORCH_INDEX_URL}" \
+            --extra-index-url "${PIP_INDEX_URL:-https://pypi.org/simple}" "${TORCH_SPEC}"; \
     else \
-        pip install $find_links "${TORCH_SPEC}"; \
+        pip install $pins $find_links ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} "${TORCH_SPEC}"; \
     fi; \
-    pip install $find_links /src bids-validator-deno; \
+    pip install $pins $find_links ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} /src bids-validator-deno; \
+    pip check; \
+    pip freeze --exclude-editable > /opt/venv/grazbids-pip-freeze.txt; \
+    cp /src/constraints.txt /opt/venv/grazbids-constraints.txt; \
     site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
     rm -rf "$site/torch/include" "$site/torch/test" "$site/torch/share/cmake"; \
     find "$site" -type d -name tests -prune -exec rm -rf {} +; \
@@ -104,6 +112,7 @@ ARG BUILD_DATE=""
 ARG SOURCE_URL=""
 # recorded in dataset_description.json (GeneratedBy.Container.Tag) of every run
 ARG IMAGE_TAG=grazbids:${GRAZBIDS_VERSION}
+ARG CONSTRAINTS_SHA256=""
 
 # A Debian base has no python3 yet; the venv below links to the base's interpreter.
 RUN if ! command -v python3 >/dev/null; then \
@@ -123,7 +132,9 @@ LABEL org.opencontainers.image.title="grazbids" \
       org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.grazbids.torch.spec="${TORCH_SPEC}" \
-      org.grazbids.torch.index="${TORCH_INDEX_URL}"
+      org.grazbids.torch.index="${TORCH_INDEX_URL}" \
+      org.grazbids.python.constraints="constraints.txt sha256:${CONSTRAINTS_SHA256}" \
+      org.grazbids.python.versions="/opt/venv/grazbids-pip-freeze.txt (pip freeze of the image)"
 
 # Thread variables default to 1 for anything run in the image; grazbids itself sets them from
 # --omp-nthreads (default min(8, --nprocs)). Nothing is fetched at run time: TemplateFlow

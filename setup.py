@@ -19,6 +19,7 @@ setup(
         "pybids>=0.16",
         "templateflow>=24",
         "antspyx>=0.5",
+        "deepbet==1.0.2",  # brain extraction of raw heads; weights ship in the wheel
         "nilearn>=0.10",
         "safetensors>=0.4",
         "tqdm",

@@ -42,8 +42,10 @@ ERROR_DESCRIPTIONS = {
     ExitCode.MISSING_INPUT: "an input file or folder does not exist",
     ExitCode.CANNOT_CREATE_OUTPUT: "the output or work folder cannot be created or written",
     ExitCode.IO_ERROR: "reading or writing failed during the run",
+    ExitCode.BUSY: "another grazbids run holds the work folder (or the group outputs); try again later",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT); workers stopped, summary written",
+    ExitCode.TERMINATED: "terminated (SIGTERM, e.g. a scheduler or docker stop); workers stopped, summary written",
 }
-INTERRUPTED = (130, "interrupted (SIGINT)")
 
 # the image that docs/containers.md builds (`docker build -t grazbids:<version> .`)
 DEFAULT_IMAGE = f"grazbids:{__version__}"
@@ -166,7 +168,6 @@ def build_descriptor(parser: argparse.ArgumentParser, image: str | None = DEFAUL
         })
 
     errors = [{"code": int(code), "description": text} for code, text in ERROR_DESCRIPTIONS.items()]
-    errors.append({"code": INTERRUPTED[0], "description": INTERRUPTED[1]})
 
     descriptor = {
         "name": parser.prog,

@@ -15,6 +15,8 @@ DEFAULT_TEMPLATE = "MNI152NLin2009aSym"  # shipped with grazbids: no TemplateFlo
 RESOLUTIONS = (1, 2)  # TemplateFlow res- index: 1 = 1 mm, 2 = 2 mm
 DEFAULT_RESOLUTION = 2
 REGISTRATIONS = ("rigid", "affine", "nonlinear")
+SKULL_STRIP_MODES = ("auto", "force", "skip")
+INPUT_IMAGES = ("brain", "head")  # group level: what the network sees (grazbids.utils.input_image)
 DEFAULT_REGISTRATION = "affine"
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("plain", "masked", "grazplus")
@@ -24,7 +26,7 @@ DEFAULT_EPOCHS = 60  # as in Graz+ (Tinauer et al. 2022)
 DEFAULT_SEED = 42  # as in Graz+
 DEFAULT_PLUGIN = "MultiProc"
 # grazbids.explain.METHODS except zplus (always written with --model); a test keeps them equal
-EXPLAIN_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite", "gradcam",
+EXPLAIN_METHODS = ("contrastive", "epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite", "gradcam",
                    "guided_backprop", "gradient", "gradient_x_input", "integrated_gradients",
                    "meaningful_perturbation")
 
@@ -51,6 +53,8 @@ class RunConfig:
     template: str = DEFAULT_TEMPLATE
     resolution: int = DEFAULT_RESOLUTION
     registration: str = DEFAULT_REGISTRATION
+    skull_strip: str = "auto"
+    input_image: str = "brain"
     # deep learning
     device: str = "auto"
     model_dir: Path | None = None
@@ -118,6 +122,7 @@ class GroupSettings:
     explain_target: str = "predicted"
     atlas: Path | None = None
     feature_visualisation: int = 0
+    input_image: str = "brain"
     counterfactual: int = 0  # simulator epochs (0: no counterfactual simulator)
 
     @classmethod
@@ -129,7 +134,8 @@ class GroupSettings:
             resolution=config.resolution, training_options=dict(config.training_options),
             architecture=config.architecture, guidance_mask=config.guidance_mask, explain=tuple(config.explain),
             explain_target=config.explain_target, atlas=config.atlas,
-            feature_visualisation=config.feature_visualisation, counterfactual=config.counterfactual,
+            feature_visualisation=config.feature_visualisation, input_image=config.input_image,
+            counterfactual=config.counterfactual,
         )
 
     def to_dict(self) -> dict:

@@ -20,6 +20,9 @@ class ExitCode(IntEnum):
     MISSING_INPUT = 66  # an input file or folder does not exist (EX_NOINPUT)
     CANNOT_CREATE_OUTPUT = 73  # output or work folder cannot be created/written (EX_CANTCREAT)
     IO_ERROR = 74  # reading or writing failed mid-way (EX_IOERR)
+    BUSY = 75  # another run holds the work folder or the group outputs (EX_TEMPFAIL: retry later)
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + signal number, as a shell reports it
+    TERMINATED = 143  # SIGTERM (scheduler, docker stop, Kubernetes): workers stopped, summary written
 
 
 class GrazbidsError(Exception):

@@ -30,6 +30,35 @@ def save_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:
     return path
 
 
+def write_huge_header(path: Path, shape) -> Path:
+    """A small .nii.gz whose header declares ``shape`` (a hostile header: the data would not
+    fit into any memory); only a few data bytes follow."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(shape)
+    header.set_zooms((1.0,) * len(shape))
+    header.set_qform(np.eye(4), code=1)
+    header.set_sform(np.eye(4), code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = header.binaryblock + b"\0" * 4 + b"\1" * 1_000_000
+    path.write_bytes(gzip.compress(raw))
+    return path
+
+
+def save_sheared(path: Path, shear: float, with_qform: bool = False) -> Path:
+    """A brain-like volume whose sform is sheared (x depends on the voxel's j index)."""
+    affine = np.eye(4)
+    affine[0, 1] = shear
+    img = nib.Nifti1Image(brain_like_volume(0), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(np.eye(4) if with_qform else None, code=1 if with_qform else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.to_filename(str(path))
+    return path
+
+
 def make_bids(root: Path, subjects=("01", "02", "03"), targets: dict | None = None,
               sessions: tuple[str, ...] = (), doi: str | None = None) -> Path:
     """A dataset that passes bids-validator-deno without errors.
@@ -74,6 +103,10 @@ def _fake_preprocess(subject, t1w_files, bids_dir, output_dir, template, resolut
     import nibabel as nib
     import numpy as np
 
+    import os
+    import time
+
+    time.sleep(float(os.environ.get("GRAZBIDS_FAKE_SLEEP", "0")))  # a slow "registration" (signal tests)
     if fail:
         raise RuntimeError(f"simulated registration failure for sub-{subject}")
     anat = Path(output_dir) / f"sub-{subject}" / "anat"
@@ -180,12 +213,17 @@ def install_fakes(monkeypatch, fail_for=(), participant_calls=None, group_calls=
         monkeypatch.setattr(preflight, "check_template", lambda config: None)
 
 
-def write_model_card(folder: Path, template="MNI152NLin2009aSym", resolution=2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    card = {"format": "grazbids-model", "format_version": 1,
-            "input": {"template": template, "resolution": resolution, "grid_shape": [97, 115, 97]}}
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+def write_model_card(folder: Path, template="MNI152NLin2009aSym", resolution=2, classes=("ad", "cn")) -> Path:
+    """A complete model bundle (card + safetensors weights) of a tiny network."""
+    from grazbids.engine import Architecture, IntensityNormalisation, build_model, save_bundle
+
+    shape = [97, 115, 97] if resolution == 2 else [193, 229, 193]
+    card = {"mode": "grazplus", "seed": 42, "classes": list(classes), "target_column": "dx",
+            "input": {"template": template, "resolution": resolution, "grid_shape": shape,
+                      "intensity_normalisation": IntensityNormalisation().to_dict()},
+            "training_data": {"dataset": "test"}}
+    model = build_model(Architecture(tuple(shape), n_classes=len(classes), channels=2, n_blocks=2, dense_units=4))
+    return save_bundle(folder, model, card)
 
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import (brain_like_volume, install_fakes, make_bids, restore_thread_settings,  # noqa: F401
-                         save_nifti, t1w_path, write_model_card)
+                         save_nifti, save_sheared, t1w_path, write_huge_header, write_model_card)
 from grazbids.cli.run import main
 from grazbids.exitcodes import ExitCode
 
@@ -117,6 +117,10 @@ def _corrupt(kind: str, path):
         save_nifti(path, np.zeros((20, 20, 20), np.float32))
     elif kind == "voxels":
         save_nifti(path, brain_like_volume(0), zooms=(1.0, 1.0, 25.0))
+    elif kind == "huge":
+        write_huge_header(path, (20000, 20000, 20000))
+    elif kind == "sheared":
+        save_sheared(path, 0.2)
 
 
 BAD_KINDS = {
@@ -127,6 +131,8 @@ BAD_KINDS = {
     "NaN": "27 NaN",
     "zeros": "all voxels are zero",
     "voxels": "implausible voxel sizes",
+    "huge": "declares 20000x20000x20000 voxels",
+    "sheared": "sheared (non-orthogonal) voxel-to-world affine",
 }
 
 
@@ -239,6 +245,24 @@ def test_missing_participants_tsv(dataset, tmp_path, capsys):
     assert_nothing_written(out, work)
 
 
+def test_duplicate_participant_rows_that_disagree_are_refused(dataset, tmp_path, capsys):
+    """Even without the validator: which row is right cannot be guessed."""
+    with (dataset / "participants.tsv").open("a") as handle:
+        handle.write("sub-03\tcn\n")  # sub-03 is 'ad' above
+    code, out, work = run(tmp_path, dataset, "group", "--target-column", "dx", "--cv-folds", "2", *FAST)
+    err = capsys.readouterr().err
+    assert code == ExitCode.BAD_DATA
+    assert "sub-03 has more than one row with different 'dx' values ('ad', then 'cn' on line 6)" in err
+    assert_nothing_written(out, work)
+
+
+def test_duplicate_participant_rows_that_agree_are_a_warning(dataset, tmp_path, capsys):
+    with (dataset / "participants.tsv").open("a") as handle:
+        handle.write("03\tad\n")  # the same participant, without 'sub-', same class
+    code, _, _ = run(tmp_path, dataset, "group", "--target-column", "dx", "--cv-folds", "2", *FAST)
+    assert code == ExitCode.OK and "sub-03 is listed twice (line 6)" in capsys.readouterr().err
+
+
 def test_bad_images_can_leave_one_class(dataset, tmp_path, capsys):
     for label in ("02", "04"):  # both "cn"
         _corrupt("NaN", t1w_path(dataset, label))
@@ -270,6 +294,37 @@ def test_model_trained_on_another_resolution(dataset, tmp_path, capsys):
 def test_model_bundle_missing(dataset, tmp_path):
     code, out, work = run(tmp_path, dataset, "participant", "--model", str(tmp_path / "nope"), *FAST)
     assert code == ExitCode.MISSING_INPUT
+    assert_nothing_written(out, work)
+
+
+@pytest.mark.parametrize("damage,code,message", [
+    ("truncate", ExitCode.BAD_DATA, "is truncated: the header promises"),
+    ("empty", ExitCode.BAD_DATA, "is empty (0 bytes)"),
+    ("pickle", ExitCode.BAD_DATA, "is a Python pickle, not a safetensors file"),
+    ("remove weights", ExitCode.MISSING_INPUT, "weights file not found"),
+    ("card mismatch", ExitCode.BAD_DATA, "weights do not match the architecture in model_card.json"),
+    ("absurd channels", ExitCode.BAD_DATA, "parameters (more than 500,000,000)"),
+])
+def test_broken_model_bundle_is_refused_before_any_work(dataset, tmp_path, capsys, damage, code, message):
+    import pickle
+
+    model = write_model_card(tmp_path / "model")
+    weights, card_path = model / "model.safetensors", model / "model_card.json"
+    card = json.loads(card_path.read_text())
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "pickle":
+        weights.write_bytes(pickle.dumps({"conv": [0.0] * 100}))
+    elif damage == "remove weights":
+        weights.unlink()
+    else:
+        card["architecture"]["channels"] = 3 if damage == "card mismatch" else 10**6
+        card_path.write_text(json.dumps(card))
+    got, out, work = run(tmp_path, dataset, "participant", "--model", str(model), *FAST)
+    err = capsys.readouterr().err
+    assert got == code and message in err, err
     assert_nothing_written(out, work)
 
 

@@ -94,6 +94,12 @@ def test_output_inside_bids_dir_only_under_derivatives(tmp_path):
     assert config.output_dir == bids / "derivatives" / "grazbids"
 
 
+def test_output_dir_containing_bids_dir_is_refused(tmp_path):
+    for parent in (tmp_path, tmp_path.parent):
+        err = _error([str(tmp_path / "bids"), str(parent), "participant"])
+        assert err.code == ExitCode.USAGE and "contains the input dataset" in err.message
+
+
 @pytest.mark.parametrize("work", ["bids/work", "out/work"])
 def test_work_dir_inside_bids_or_output_is_refused(tmp_path, work):
     err = _error([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / work)])
@@ -108,6 +114,38 @@ def test_default_work_dir(tmp_path):
     inside = bids / "derivatives" / "grazbids"
     work = default_work_dir(bids, inside)
     assert bids not in work.parents and work == default_work_dir(bids, inside)
+
+
+def test_default_work_dir_when_the_sibling_cannot_be_created(tmp_path, monkeypatch):
+    """docker run grazbids /bids /out participant: /out_work is not writable in the image."""
+    from grazbids.cli import parser
+
+    can_create = parser.can_create
+    assert can_create(tmp_path / "new" / "folder") and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    assert not can_create(tmp_path / "file" / "sub")
+    out = tmp_path / "out"
+    monkeypatch.setattr(parser, "can_create", lambda path: path != tmp_path / "out_work")
+    work = default_work_dir(tmp_path / "bids", out)
+    assert work.name.startswith("grazbids_work_") and work == default_work_dir(tmp_path / "bids", out)
+    assert parser.is_temporary_work_dir(work) and not parser.is_temporary_work_dir(tmp_path / "out_work")
+
+
+def test_temporary_work_dir_in_a_container_is_announced(tmp_path, monkeypatch, capsys):
+    from grazbids.cli import parser
+    from grazbids.utils import dataset
+
+    install_fakes(monkeypatch)
+    bids = make_bids(tmp_path / "bids", subjects=("01",))
+    out = tmp_path / "out"
+    monkeypatch.setattr(parser, "can_create", lambda path: path != tmp_path / "out_work")
+    monkeypatch.setattr(parser.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(dataset, "detect_container", lambda: {"Type": "docker"})
+    assert main([str(bids), str(out), "participant", "--skip-bids-validation", "--plugin", "Linear"]) == 0
+    err = capsys.readouterr().err
+    work = default_work_dir(bids, out)
+    assert work.parent == tmp_path / "tmp" and (work / "grazbids_wf").is_dir()
+    assert f"Work folder: {work} (inside the docker container, lost when it is removed" in err
 
 
 def test_group_level_requires_target_column(tmp_path):
@@ -434,7 +472,8 @@ def test_explain_choices_match_the_library():
     from grazbids.utils.model_card import LRP_METHODS
 
     assert set(EXPLAIN_METHODS) == set(METHODS) - {"zplus"}  # z+ is always written with --model
-    assert set(LRP_METHODS) == {name for name, m in METHODS.items() if m.family == "lrp"} - {"zplus"}
+    # the LRP methods that may start from the softmax vector (contrastive explains one class)
+    assert set(LRP_METHODS) == {name for name, m in METHODS.items() if m.family == "lrp"} - {"zplus", "contrastive"}
 
 
 def test_explain_target_is_checked_against_the_model_card(tmp_path):
@@ -448,3 +487,14 @@ def test_explain_target_is_checked_against_the_model_card(tmp_path):
         with pytest.raises(GrazbidsError) as err:
             check_explain_target(tmp_path, explain, target)
         assert err.value.code == ExitCode.USAGE
+
+
+def test_exit_code_table_in_the_docs_matches_the_program():
+    """docs/usage.md lists exactly the codes grazbids can return, and so does --help."""
+    import re
+
+    text = (REPO / "docs" / "usage.md").read_text().split("## Exit codes", 1)[1]
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", text, re.M)}
+    assert documented == {int(code) for code in ExitCode}
+    epilog = build_parser().epilog
+    assert all(f"{int(code)} " in epilog for code in ExitCode)

@@ -153,6 +153,66 @@ def test_dockerignore_keeps_the_context_small():
     assert not any(l.startswith("!") and (".venv" in l or ".git" in l or "tests" in l) for l in lines)
 
 
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_python_dependencies_are_pinned_and_used(docker):
+    """An image built next month holds the versions tested now."""
+    import importlib.metadata
+
+    pins = _pins(REPO / "constraints.txt")
+    assert all(re.fullmatch(r"[\w.]+", v) for v in pins.values()), "exact versions only"
+    required = importlib.metadata.requires("grazbids") or []
+    for requirement in required:
+        if "extra ==" in requirement:
+            continue
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ;\[]", requirement)[0]).lower()
+        assert name in pins, f"{name} (setup.py) is not pinned in constraints.txt"
+    assert "bids-validator-deno" in pins
+    # the PyTorch pin and the image's TORCH_SPEC agree; no local version (CPU and CUDA builds)
+    assert docker.stages[0]["args"]["TORCH_SPEC"] == f"torch=={pins['torch']}"
+    install = " ".join(docker.stages[0]["run"])
+    assert install.count("pip install $pins") == 3 and 'pins="-c /src/constraints.txt"' in install
+    assert "pip freeze --exclude-editable > /opt/venv/grazbids-pip-freeze.txt" in install
+    assert "sha256sum -c" in install  # a given CONSTRAINTS_SHA256 must match the file
+    labels = docker.final["labels"]
+    assert labels["org.grazbids.python.constraints"] == '"constraints.txt sha256:${CONSTRAINTS_SHA256}"'.strip('"')
+    assert "!constraints.txt" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_pip_mirror_is_used_for_pytorch_too(docker):
+    install = " ".join(docker.stages[0]["run"])
+    torch_step = install.split('if [ -n "${TORCH_INDEX_URL}" ]; then')[1].split("fi;")[0]
+    assert '--extra-index-url "${PIP_INDEX_URL:-https://pypi.org/simple}"' in torch_step
+    assert "https://pypi.org/simple\"" not in torch_step.replace("PIP_INDEX_URL:-https://pypi.org/simple", "")
+    assert '${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"}' in torch_step
+
+
+def test_local_wheels_are_never_committed():
+    assert "wheels/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_documented_docker_calls_name_existing_tags():
+    """`docker run grazbids ...` needs grazbids:latest; CUDA builds record their own tag."""
+    text = (REPO / "docs" / "containers.md").read_text()
+    builds = [" ".join(block.split("\\\n")) for block in re.findall(r"docker build[^`]*?(?:\.\n|\. *$)", text, re.M)]
+    assert builds
+    assert any("-t grazbids:latest" in b for b in builds)
+    for build in builds:
+        if "cu1" in build or "cuda" in build:
+            tag = re.search(r"-t (grazbids:\S+)", build).group(1)
+            assert f"--build-arg IMAGE_TAG={tag}" in build, build
+    assert "docker run --rm -v /data/ds:/bids:ro -v /data/out:/out grazbids /bids /out participant" in text
+    assert "Apptainer >= 1.2" in text and "Apptainer >= 1.2" in DEFFILE.read_text()
+
+
 # ------------------------------------------------------------------ Apptainer definition
 def test_def_bootstraps_from_the_docker_image(definition):
     header, _ = definition

@@ -166,3 +166,25 @@ def test_masked_relevance_with_two_masks_equals_two_sweeps():
     torch.testing.assert_close(both, torch.stack(singles, dim=1))
     for a, b in zip(grads_both, grads_single):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("target", [0, 2])
+def test_contrastive_map_matches_brute_force(target):
+    """explain(..., "contrastive"): z+ of p_c e_c minus z+ of the other classes' probabilities."""
+    from grazbids.explain import explain
+
+    model = tiny_model()
+    x = torch.rand(1, 1, 8, 7, 6, dtype=torch.float64)
+
+    def start(logits):  # the class against its dual, in one signed start vector
+        p = _softmax(logits)
+        own = np.eye(len(p))[target] * p
+        return own - (p - own)
+
+    expected, logits = brute_force_zplus(model, x[0], start)
+    R = explain(model, x, "contrastive", target=target)
+    np.testing.assert_allclose(R[0].numpy(), expected, rtol=1e-8, atol=1e-13)
+    p = _softmax(logits)
+    assert np.isclose(R.sum().item(), 2 * p[target] - 1, rtol=1e-6)  # conserves the signed start
+    with pytest.raises(ValueError, match="one class against the others"):
+        explain(model, x, "contrastive", target="softmax")

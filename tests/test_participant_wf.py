@@ -56,7 +56,10 @@ def test_one_sub_workflow_per_t1w_and_crash_dir_on_every_node(tiny_bids, tmp_pat
     for anat in ("anat_ses_a_wf", "anat_ses_b_wf"):
         assert f"{anat}.register" in names
         assert f"{anat}.ds_t1w_template" in names
-        assert f"{anat}.probsegs_to_native" in names
+        assert f"{anat}.priors_to_native" in names
+        assert f"{anat}.tissue_segmentation" in names
+        # 4x4x4 voxels of ones are no plausible brain: auto treats them as a head
+        assert f"{anat}.brain_extraction" in names and f"{anat}.n4_bias_correction" in names
     assert "outputnode" in names
     crash_dir = str((tmp_path / "out" / "sub-07" / "log").absolute())
     for node in wf._get_all_nodes():
@@ -64,6 +67,15 @@ def test_one_sub_workflow_per_t1w_and_crash_dir_on_every_node(tiny_bids, tmp_pat
     register = wf.get_node("anat_ses_a_wf.register")
     assert register.n_procs == 2 and register.inputs.num_threads == 2
     assert register.inputs.random_seed == 42
+
+
+def test_skull_strip_skip_keeps_the_brain_extracted_branch(tiny_bids, tmp_path):
+    bids_dir, files = tiny_bids
+    names = _build(bids_dir, files, tmp_path / "out", skull_strip="skip").list_node_names()
+    assert "anat_ses_a_wf.native_brain_mask" in names and "anat_ses_a_wf.skullstripped_check" in names
+    assert not any("brain_extraction" in n or "n4_bias" in n or "head_to_template" in n for n in names)
+    forced = _build(bids_dir, files, tmp_path / "out", skull_strip="force").list_node_names()
+    assert "anat_ses_a_wf.ds_t1w_native" in forced and "anat_ses_a_wf.head_to_template" in forced
 
 
 def test_anat_workflow_names():
@@ -111,7 +123,7 @@ def test_inference_is_fed_when_a_model_is_given(tiny_bids, tmp_path, monkeypatch
     assert to_section["derivatives"] == ("merge_derivatives", "out")
     into_merge = sorted(src.name for src, dst, data in anat._graph.edges(data=True)
                         if dst.name == "merge_derivatives" for _ in data["connect"])
-    assert into_merge.count("inference_wf") == 3 and len(into_merge) == 10  # + the 7 sinks
+    assert into_merge.count("inference_wf") == 3 and len(into_merge) == 13  # + the 10 sinks of a head
 
 
 def test_one_report_per_participant_from_every_t1w_section(tiny_bids, tmp_path):
@@ -148,7 +160,8 @@ def _expected_names():
     stems = [f"sub-01_space-{TPL}_res-2_desc-preproc_T1w",
              f"sub-01_space-{TPL}_res-2_desc-brain_mask",
              *(f"sub-01_space-{TPL}_res-2_label-{t}_probseg" for t in ("GM", "WM", "CSF")),
-             "sub-01_desc-brain_mask",
+             f"sub-01_space-{TPL}_res-2_dseg",
+             "sub-01_desc-brain_mask", "sub-01_dseg",
              *(f"sub-01_label-{t}_probseg" for t in ("GM", "WM", "CSF"))]
     names = [s + ext for s in stems for ext in (".nii.gz", ".json")]
     for xfm in (f"sub-01_from-T1w_to-{TPL}_mode-image_xfm",
@@ -158,6 +171,7 @@ def _expected_names():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # with the Atropos segmentation at 0.87 mm: > 60 s on 2 shared cores
 def test_sub01_affine_res2_end_to_end(real_bids_dir, tmp_path):
     source = real_bids_dir / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     output_dir, work_dir = tmp_path / "out", tmp_path / "work"

@@ -48,6 +48,52 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(full.val_probabilities, resumed.val_probabilities)
 
 
+def _assert_same_run(result, reference):
+    assert result.history == reference.history and result.selected_epoch == reference.selected_epoch
+    for k, v in _weights(reference.model).items():
+        assert torch.equal(v, result.model.state_dict()[k]), k
+    np.testing.assert_array_equal(reference.val_probabilities, result.val_probabilities)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_damaged_checkpoint_is_discarded_and_the_previous_one_resumed(tmp_path, caplog, damage):
+    data = _data()
+    train, val = np.arange(16), np.arange(16, 24)
+    full = Trainer(ARCH, _settings(epochs=4), tmp_path / "full").fit(data, train, val)
+    work = tmp_path / "resumed"
+    Trainer(ARCH, _settings(epochs=3), work).fit(data, train, val)
+    checkpoint = work / "checkpoint.safetensors"
+    assert (work / "checkpoint.prev.safetensors").exists()  # epoch 2, kept as the fallback
+    raw = checkpoint.read_bytes()
+    checkpoint.write_bytes({"truncated": raw[: len(raw) // 2], "empty": b"", "garbage": b"\x80\x04junk" * 50}[damage])
+    with caplog.at_level("INFO", logger="grazbids"):
+        resumed = Trainer(ARCH, _settings(epochs=4), work).fit(data, train, val)
+    assert "checkpoint.safetensors is unreadable" in caplog.text and "moved aside" in caplog.text
+    assert "resuming after epoch 2 of 4 from" in caplog.text and "checkpoint.prev.safetensors" in caplog.text
+    assert (work / "checkpoint.safetensors.broken").exists()
+    _assert_same_run(resumed, full)
+    # the damaged file is never read again: the next run resumes from the new checkpoint
+    caplog.clear()
+    with caplog.at_level("INFO", logger="grazbids"):
+        Trainer(ARCH, _settings(epochs=4), work).fit(data, train, val)
+    assert "resuming after epoch 4 of 4" in caplog.text and "unreadable" not in caplog.text
+
+
+def test_damaged_selected_weights_are_not_silently_used(tmp_path, caplog):
+    data = _data()
+    train, val = np.arange(16), np.arange(16, 24)
+    full = Trainer(ARCH, _settings(epochs=3), tmp_path / "full").fit(data, train, val)
+    work = tmp_path / "resumed"
+    Trainer(ARCH, _settings(epochs=3), work).fit(data, train, val)
+    for name in ("selected.safetensors", "selected.prev.safetensors"):
+        if (work / name).exists():
+            (work / name).write_bytes((work / name).read_bytes()[:100])
+    with caplog.at_level("INFO", logger="grazbids"):
+        again = Trainer(ARCH, _settings(epochs=3), work).fit(data, train, val)
+    assert "selected-epoch weights" in caplog.text and "training starts from epoch 1" in caplog.text
+    _assert_same_run(again, full)
+
+
 def test_checkpoint_with_other_settings_is_not_reused(tmp_path, caplog):
     data = _data()
     Trainer(ARCH, _settings(epochs=1), tmp_path).fit(data, np.arange(16), np.arange(16, 24))

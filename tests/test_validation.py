@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import (brain_like_volume, install_fakes, make_bids, restore_thread_settings,  # noqa: F401
-                         save_nifti, t1w_path, write_model_card)
+                         save_nifti, save_sheared, t1w_path, write_huge_header, write_model_card)
 from grazbids.cli.run import main
 from grazbids.exitcodes import ExitCode, GrazbidsError
 from grazbids.utils.bids_validator import find_validator, parse_report, run_validator
@@ -48,6 +48,46 @@ def test_truncated_header_and_garbage(tmp_path):
     (tmp_path / "plain.nii").write_bytes(b"\0" * 100)
     for name in ("head.nii.gz", "text.nii.gz", "plain.nii"):
         assert not check_t1w_image(tmp_path / name).ok
+
+
+def test_declared_size_is_checked_before_reading(tmp_path, monkeypatch):
+    from grazbids.utils import validation
+
+    huge = write_huge_header(tmp_path / "huge.nii.gz", (20000, 20000, 20000))
+    assert huge.stat().st_size < 100_000
+    monkeypatch.setattr(validation.np, "asanyarray", lambda *a, **k: pytest.fail("data were read"))
+    check = check_t1w_image(huge)
+    assert not check.ok and "declares 20000x20000x20000 voxels" in check.describe() and "resample" in check.describe()
+
+
+def test_absurd_but_valid_image_is_refused_by_the_voxel_rule(tmp_path):
+    from grazbids.utils.validation import MAX_VOXELS, voxel_limit
+
+    # 768^3 at 0.3 mm: only the header is needed to refuse it
+    check = check_t1w_image(write_huge_header(tmp_path / "fine.nii.gz", (768, 768, 768)))
+    assert not check.ok and "above the limit of 134,217,728 voxels" in check.describe()
+    assert voxel_limit(None) == MAX_VOXELS == 512**3
+    assert voxel_limit(1.0) == 100_000_000 and voxel_limit(1000) == MAX_VOXELS  # --mem-gb lowers it
+    # a 20^3 image passes a generous limit, not a tiny one
+    assert check_t1w_image(_good(tmp_path), max_voxels=8000).ok
+    assert "above the limit of 7,999 voxels" in check_t1w_image(_good(tmp_path), max_voxels=7999).describe()
+
+
+@pytest.mark.parametrize("shear,with_qform,ok", [(1e-6, False, True), (5e-4, False, False),
+                                                 (0.2, False, False), (0.2, True, False)])
+def test_sheared_affine_is_refused(tmp_path, shear, with_qform, ok):
+    check = check_t1w_image(save_sheared(tmp_path / "s.nii.gz", shear, with_qform))
+    assert check.ok == ok
+    if not ok:
+        assert "sheared (non-orthogonal) voxel-to-world affine" in check.describe()
+
+
+def test_sheared_affine_really_breaks_itk(tmp_path):
+    """The tolerance is ITK's: what passes is read by ANTs, what fails would crash it."""
+    ants = pytest.importorskip("ants")
+    ants.image_read(str(save_sheared(tmp_path / "fine.nii.gz", 5e-5)))
+    with pytest.raises(Exception, match="orthonormal"):
+        ants.image_read(str(save_sheared(tmp_path / "bad.nii.gz", 5e-4)))
 
 
 def test_truncated_uncompressed_nifti(tmp_path):

@@ -44,17 +44,32 @@ def read_participants_table(bids_dir: Path) -> tuple[list[str], list[dict[str, s
     return columns, rows
 
 
+def participant_values(path: Path, rows: list[dict[str, str]], column: str) -> dict[str, str]:
+    """participant label -> value of ``column``; 65 when a participant has rows that disagree
+    (which one is right cannot be guessed; the last row must not silently win)."""
+    values: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        pid = (row.get("participant_id") or "").strip()
+        label = pid[4:] if pid.startswith("sub-") else pid
+        value = (row.get(column) or "").strip()
+        if label in values and values[label] != value:
+            raise GrazbidsError(ExitCode.BAD_DATA,
+                                f"{path}: sub-{label} has more than one row with different {column!r} values "
+                                f"({values[label]!r}, then {value!r} on line {line}); keep one row per participant")
+        if label in values:
+            LOGGER.warning("%s: sub-%s is listed twice (line %d) with the same %r value", path, label, line, column)
+        values[label] = value
+    return values
+
+
 def read_target_values(bids_dir: Path, column: str) -> dict[str, str]:
     """participant label (without sub-) -> value of ``column``; n/a and empty values left out."""
     columns, rows = read_participants_table(Path(bids_dir))
     if column not in columns:
         raise GrazbidsError(ExitCode.BAD_DATA, f"{Path(bids_dir) / 'participants.tsv'}: no column {column!r} "
                                                f"(columns: {', '.join(columns)})")
-    values = {}
-    for row in rows:
-        value = (row.get(column) or "").strip()
-        if value not in MISSING_VALUES:
-            values[(row.get("participant_id") or "").strip().removeprefix("sub-")] = value
+    values = participant_values(Path(bids_dir) / "participants.tsv", rows, column)
+    values = {label: value for label, value in values.items() if value not in MISSING_VALUES}
     return values
 
 
@@ -67,11 +82,7 @@ def check_target(bids_dir: Path, column: str, participants: list[str], cv_folds:
         raise GrazbidsError(ExitCode.BAD_DATA,
                             f"--target-column {column!r} is not a column of {path} "
                             f"(columns: {', '.join(usable) or 'none'})")
-    values = {}
-    for row in rows:
-        pid = (row.get("participant_id") or "").strip()
-        label = pid[4:] if pid.startswith("sub-") else pid
-        values[label] = (row.get(column) or "").strip()
+    values = participant_values(path, rows, column)
 
     summary = TargetSummary(column)
     for label in participants:

@@ -7,6 +7,7 @@ to its participant, so the summary can name who failed and where the crash files
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, participant_workflow_name
 from ..workflows.base import node_owner
 from .summary import RunReport
 
@@ -47,9 +48,20 @@ class NodeTracker:
         # list_node_names() omits the top workflow's name; keep the same form here
         return node.fullname.split(".", 1)[1] if "." in node.fullname else node.fullname
 
+    @classmethod
+    def owner(cls, node) -> str:
+        """Participant (or group step) of a node: by its name, else by its hierarchy or
+        its working folder (MapNode parts and some plugins report names without them)."""
+        for where in (cls._relative_name(node), getattr(node, "_hierarchy", None) or "",
+                      str(getattr(node, "base_dir", None) or "").replace(os.sep, ".")):
+            owner = node_owner(where)
+            if owner:
+                return owner
+        return WORKFLOW_OWNER
+
     def __call__(self, node, status: str) -> None:
         name = self._relative_name(node)
-        owner = node_owner(name) or WORKFLOW_OWNER
+        owner = self.owner(node)
         if status == "start":
             self.started.add(name)
         elif status == "exception":
@@ -127,10 +139,21 @@ def _crash_files(config: RunConfig, owner: str, nodes: list[str], old: set[Path]
 
 
 def run_workflow(workflow, config: RunConfig, report: RunReport) -> None:
-    """Run; fill report.failed with every participant (or group step) that did not finish."""
+    """Run; fill report.failed with every participant (or group step) that did not finish.
+
+    A participant counts as succeeded only when every one of its steps finished and every
+    derivative its sinks write exists; an interruption (SIGINT/SIGTERM) stops the worker
+    processes and is recorded, and the summary is still written by the caller.
+    """
+    from ..workflows.expected import expected_derivatives
+    from .interrupt import Interrupted, stop_workers
+
     configure_nipype(workflow, config)
     tracker = NodeTracker(workflow, end_needs_start=config.plugin == "Linear")
     plugin_args = {**config.plugin_args, "status_callback": tracker}
+    expected_files = {f"sub-{label}": expected_derivatives(node)
+                      for label in report.processed
+                      if (node := workflow.get_node(participant_workflow_name(label))) is not None}
     LOGGER.info("Running %d step(s) with the %s plugin (%s); work folder %s",
                 sum(len(v) for v in tracker.expected.values()), config.plugin,
                 ", ".join(f"{k}={v}" for k, v in config.plugin_args.items()) or "defaults",
@@ -142,15 +165,24 @@ def run_workflow(workflow, config: RunConfig, report: RunReport) -> None:
     gc.freeze()
     try:
         workflow.run(plugin=config.plugin, plugin_args=plugin_args)
+    except Interrupted as signal_:
+        report.interrupted = signal_.name
+        report.run_error = f"interrupted by {signal_.name}"
+        LOGGER.error("%s received: stopping the running steps", signal_.name)
+        stopped = stop_workers()
+        LOGGER.info("stopped %d worker process(es)", stopped)
     except Exception as err:  # Nipype raises RuntimeError or re-raises the node's error
         report.run_error = " ".join(str(err).split())[:2000]
     finally:
         gc.unfreeze()
     for owner, nodes in tracker.failed.items():
         report.failed[owner] = {"nodes": nodes, "crashfiles": _crash_files(config, owner, nodes, old_crash_files)}
-    if report.run_error and not tracker.failed:
+    if report.run_error and not tracker.failed and not report.interrupted:
         # the run ended without any node failing: plugin or graph problem, all affected
         report.failed[WORKFLOW_OWNER] = {"nodes": [], "crashfiles": [], "not_run": report.run_error}
+    _check_completeness(report, tracker, expected_files)
+    for label in report.succeeded():
+        _move_old_crash_files(config, f"sub-{label}", old_crash_files)
     if config.is_group_level:
         if "group" in report.failed:
             report.group_step = "failed"
@@ -158,5 +190,51 @@ def run_workflow(workflow, config: RunConfig, report: RunReport) -> None:
             report.group_step = "finished"
         else:
             report.group_step = "not run"
-            report.failed["group"] = {"nodes": [], "crashfiles": [],
-                                      "not_run": "the group step did not run because an earlier step failed"}
+            reason = (f"the group step did not finish: interrupted by {report.interrupted}" if report.interrupted
+                      else "the group step did not run because an earlier step failed")
+            report.failed["group"] = {"nodes": [], "crashfiles": [], "not_run": reason}
+
+
+def _check_completeness(report: RunReport, tracker: NodeTracker, expected_files: dict) -> None:
+    """A participant with an unfinished step or a missing derivative has not succeeded."""
+    for label in report.processed:
+        owner = f"sub-{label}"
+        if owner in report.failed:
+            continue
+        unfinished = sorted(tracker.expected[owner] - tracker.finished[owner])
+        missing = [str(path) for path in expected_files.get(owner, []) if not path.exists()]
+        if not unfinished and not missing:
+            continue
+        if report.interrupted and unfinished:
+            reason = f"interrupted by {report.interrupted} before it finished"
+        elif unfinished:
+            reason = f"{len(unfinished)} step(s) did not finish: {', '.join(unfinished[:5])}"
+        else:
+            reason = "ran, but expected output(s) are missing"
+        if missing and not (report.interrupted and unfinished):  # an interrupted one lacks them anyway
+            reason += f"; {len(missing)} expected output(s) missing: {', '.join(missing[:5])}"
+            reason += " ..." if len(missing) > 5 else ""
+        LOGGER.error("%s: %s", owner, reason)
+        report.failed[owner] = {"nodes": [], "crashfiles": [], "not_run": reason, "missing_outputs": missing}
+
+
+def _move_old_crash_files(config: RunConfig, owner: str, old: set[Path]) -> None:
+    """Crash files of an earlier failed run of a participant that has now succeeded leave
+    its derivatives folder (into the work folder): they describe a problem that is gone."""
+    folder = config.output_dir / owner / "log"
+    stale = [path for path in old if folder in path.parents]
+    if not stale:
+        return
+    target = config.work_dir / "resolved_crashfiles" / owner
+    for path in stale:
+        destination = target / path.relative_to(folder)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+        except OSError as err:
+            LOGGER.warning("%s: cannot move the old crash file %s: %s", owner, path, err)
+            return
+    for empty in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True) + [folder]:
+        with contextlib.suppress(OSError):
+            empty.rmdir()  # only when empty
+    LOGGER.info("%s: succeeded now; moved %d crash file(s) of an earlier run to %s", owner, len(stale), target)

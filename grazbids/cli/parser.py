@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit codes: 0 success, 1 some participant or the group step failed, 16 BIDS "
             "validation failed, 17 unknown analysis level, 18 filters selected no files, "
             "64 usage error, 65 unusable input data, 66 missing input, 73 cannot create "
-            "output, 74 I/O error. See docs/usage.md."
+            "output, 74 I/O error, 75 work folder in use by another run, 130 interrupted "
+            "(SIGINT), 143 terminated (SIGTERM). See docs/usage.md."
         ),
             )
     parser.add_argument("bids_dir", type=Path, help="root folder of the input BIDS dataset")
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("-w", "--work-dir", type=Path, default=None, metavar="DIR",
                       help="Nipype working folder, kept for re-runs (default: "
                            "<output_dir>_work beside output_dir; a folder in the system temp "
-                           "directory if that would fall inside bids_dir)")
+                           "directory if that would fall inside bids_dir or cannot be created, "
+                           "e.g. in a container)")
     perf.add_argument("--nprocs", "--nthreads", "--n_cpus", dest="nprocs", type=_positive_int,
                       default=None, metavar="N", help="processes run in parallel (default: all CPUs available)")
     perf.add_argument("--omp-nthreads", type=_positive_int, default=None, metavar="N",
@@ -158,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
                        default=cfg.DEFAULT_REGISTRATION,
                        help="T1w-to-template registration (ANTs): rigid 6 dof, affine 12 dof, "
                             "or nonlinear (SyN after affine) (default: %(default)s)")
+    space.add_argument("--input-image", choices=cfg.INPUT_IMAGES, default="brain",
+                       help="group level: what the network sees of a raw head in template space: the "
+                            "extracted brain or the whole (bias-corrected) head; the Graz+ relevance mask "
+                            "is the brain mask either way. Brain-extracted inputs are used as they are "
+                            "(default: %(default)s)")
+    space.add_argument("--skull-strip", choices=cfg.SKULL_STRIP_MODES, default="auto",
+                       help="N4 bias correction + brain extraction (deepbet) before registration: "
+                            "auto = only for a T1w that is not brain-extracted (its signal is not a "
+                            "plausible brain volume), force = always, skip = never (default: %(default)s)")
 
     dl = parser.add_argument_group("Deep learning")
     dl.add_argument("--device", choices=cfg.DEVICES, default="auto",
@@ -296,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         template=template,
         resolution=ns.resolution,
         registration=ns.registration,
+        skull_strip=ns.skull_strip,
+        input_image=ns.input_image,
         device=ns.device,
         model_dir=ns.model_dir.expanduser().resolve() if ns.model_dir else None,
         explain=tuple(dict.fromkeys(ns.explain)),
@@ -345,6 +358,12 @@ def check_output_location(bids_dir: Path, output_dir: Path) -> None:
         raise GrazbidsError(ExitCode.USAGE,
                             f"output_dir is the input dataset ({bids_dir}); choose another folder, "
                             f"e.g. {bids_dir / 'derivatives' / 'grazbids'}")
+    # derivatives written around the raw dataset (output_dir = its parent or higher) would mix
+    # with other folders there, and the next run's layout would index them
+    if _is_within(bids_dir, output_dir):
+        raise GrazbidsError(ExitCode.USAGE,
+                            f"output_dir {output_dir} contains the input dataset {bids_dir}; choose a "
+                            f"folder beside it or under {bids_dir / 'derivatives'}")
     # anywhere else inside the raw dataset, outputs would be indexed as raw data next time
     if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
         raise GrazbidsError(ExitCode.USAGE,
@@ -367,14 +386,34 @@ def default_work_dir(bids_dir: Path, output_dir: Path) -> Path:
     """``<output_dir>_work`` beside output_dir, or a stable per-output temp folder.
 
     The temp fallback is used when the sibling would land inside the input dataset (the
-    usual ``<bids_dir>/derivatives/grazbids`` output); its name hashes output_dir so
-    re-runs find their cache again.
+    usual ``<bids_dir>/derivatives/grazbids`` output) or cannot be created: in a container
+    ``docker run grazbids /bids /out participant`` would need ``/out_work`` in the image's
+    read-only (or root-owned) top folder. Its name hashes output_dir so re-runs find their
+    cache again.
     """
     sibling = output_dir.with_name(f"{output_dir.name}_work")
-    if not _is_within(sibling, bids_dir):
+    if not _is_within(sibling, bids_dir) and can_create(sibling):
         return sibling
     digest = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"grazbids_work_{digest}"
+
+
+def is_temporary_work_dir(work_dir: Path) -> bool:
+    return work_dir.parent == Path(tempfile.gettempdir()) and work_dir.name.startswith("grazbids_work_")
+
+
+def can_create(path: Path) -> bool:
+    """Whether ``path`` exists as, or could be created as, a writable folder (nothing is left behind)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return True
+    except OSError:
+        return False
 
 
 def available_cpus() -> int:

@@ -19,7 +19,7 @@ from ..utils.paths import check_writable_folder
 from ..bids.participants import check_target
 from ..bids.patterns import find_preprocessed_t1w
 from ..bids.selection import check_bids_root, load_layout, select_participants
-from ..utils.validation import check_t1w_image
+from ..utils.validation import check_t1w_image, voxel_limit
 from .summary import RunReport
 
 LOGGER = logging.getLogger("grazbids")
@@ -55,7 +55,7 @@ def run_preflight(config: RunConfig, report: RunReport) -> tuple[RunConfig, dict
 
     if not selection.t1w_files:
         raise GrazbidsError(ExitCode.NO_FILES, "no T1w images selected: " + _selection_text(config))
-    usable = check_images(selection.t1w_files, report)
+    usable = check_images(selection.t1w_files, report, config.mem_gb)
     if not usable:
         raise GrazbidsError(ExitCode.BAD_DATA,
                             f"none of the {len(selection.t1w_files)} selected participant(s) has usable T1w "
@@ -103,6 +103,20 @@ def check_model(config: RunConfig) -> None:
         return
     check_model_space(config.model_dir, config.template, config.resolution)
     check_explain_target(config.model_dir, config.explain, config.explain_target)
+    check_model_files(config.model_dir)
+
+
+def check_model_files(model_dir) -> None:
+    """Card and weights agree and the weights file is complete (66 missing, 65 unusable),
+    from the safetensors header alone: no weight is read, nothing large is allocated."""
+    from ..engine.bundle import ModelBundleError, ModelBundleMissing, check_bundle
+
+    try:
+        check_bundle(model_dir)
+    except ModelBundleMissing as err:
+        raise GrazbidsError(ExitCode.MISSING_INPUT, f"model bundle: {err}") from None
+    except ModelBundleError as err:
+        raise GrazbidsError(ExitCode.BAD_DATA, f"model bundle {model_dir} is unusable: {err}") from None
 
 
 def check_template(config: RunConfig) -> None:
@@ -139,11 +153,12 @@ def check_atlas(config: RunConfig) -> None:
         raise GrazbidsError(ExitCode.BAD_DATA, str(err)) from None
 
 
-def check_images(t1w_files: dict, report: RunReport) -> dict:
+def check_images(t1w_files: dict, report: RunReport, mem_gb: float | None = None) -> dict:
     """Participants whose T1w images all pass; the others go to report.excluded."""
     usable = {}
+    max_voxels = voxel_limit(mem_gb)
     for label, files in t1w_files.items():
-        checks = [check_t1w_image(path) for path in files]
+        checks = [check_t1w_image(path, max_voxels) for path in files]
         problems = [check.describe() for check in checks if not check.ok]
         for check in checks:
             if check.ok and check.notes:
@@ -176,7 +191,7 @@ def _prepare_group(config: RunConfig, report: RunReport, t1w_files: dict, withou
     todo = {label: t1w_files[label] for label in members if label not in done}
     if done:
         LOGGER.info("Reusing the preprocessing of %d participant(s) found in %s", len(done), config.output_dir)
-    usable = check_images(todo, report)
+    usable = check_images(todo, report, config.mem_gb)
     members = [label for label in members if label in done or label in usable]
     if not members:
         raise GrazbidsError(ExitCode.BAD_DATA, "no participant with a target value has usable T1w data")

@@ -34,6 +34,7 @@ class RunReport:
     failed: dict[str, dict] = field(default_factory=dict)
     group_step: str | None = None  # group level: "finished", "failed" or "not run"
     run_error: str | None = None  # message of the exception that ended the Nipype run
+    interrupted: str | None = None  # "SIGINT"/"SIGTERM" when a signal stopped the run
     exit_code: int | None = None
 
     @property
@@ -50,6 +51,8 @@ class RunReport:
         return [label for label in self.processed if f"sub-{label}" not in failed]
 
     def final_exit_code(self) -> ExitCode:
+        if self.interrupted:
+            return ExitCode.TERMINATED if self.interrupted == "SIGTERM" else ExitCode.INTERRUPTED
         if self.failed or self.excluded or (self.without_t1w and self.requested_without_t1w):
             return ExitCode.FAILURE
         return ExitCode.OK
@@ -60,6 +63,9 @@ class RunReport:
         else:  # a group run whose participants were all preprocessed before
             head = "no participant needed preprocessing"
         out = [f"grazbids {__version__} {self.analysis_level} level: {head}"]
+        if self.interrupted:
+            out.append(f"  INTERRUPTED by {self.interrupted}: running steps were stopped; run the same command "
+                       "again to resume (finished steps are kept in the work folder)")
         if self.group_step:
             out.append(f"  group step: {self.group_step}")
         if self.reused_preprocessing:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..engine.normalize import IntensityNormalisation
+from ..utils.input_image import is_skull_stripped, network_input
 
 
 class CohortError(ValueError):
@@ -51,6 +52,9 @@ def load_training_images(card: dict, bids_dir: str | Path, derivatives_dir: str 
         data = np.asanyarray(nb.load(str(s.image)).dataobj)
         if data.shape != grid or mask.shape != grid:
             raise CohortError(f"{s.image}: grid {data.shape} differs from the model's {grid}")
+        # the image as in training: a raw head is masked to its brain unless the model saw heads
+        data = network_input(data, mask, input_image=card["input"].get("image", "brain"),
+                             skull_stripped=is_skull_stripped(s.image))
         images.append(norm.apply(data, mask))
         masks.append(mask)
     labels = torch.tensor([classes.index(str(s.label)) for s in samples])

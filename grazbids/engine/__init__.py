@@ -4,7 +4,7 @@ Usable from Python without the BIDS layer::
 
     from grazbids.engine import Architecture, build_model, zplus_heatmap
 """
-from .bundle import ModelBundleError, load_bundle, read_card, save_bundle
+from .bundle import ModelBundleError, ModelBundleMissing, check_bundle, load_bundle, read_card, save_bundle
 from .data import balanced_accuracy, class_weights, encode_labels, participant_folds
 from .device import resolve_device
 from .losses import compute_loss
@@ -20,7 +20,7 @@ __all__ = [
     "zplus_heatmap", "masked_relevance", "start_relevance",
     "MODES", "model_input", "compute_loss",
     "Trainer", "TrainSettings", "TrainingData", "FitResult",
-    "save_bundle", "load_bundle", "read_card", "ModelBundleError",
+    "save_bundle", "load_bundle", "read_card", "check_bundle", "ModelBundleError", "ModelBundleMissing",
     "IntensityNormalisation", "encode_labels", "class_weights", "participant_folds",
     "balanced_accuracy", "resolve_device",
 ]

@@ -49,7 +49,11 @@ def load_input(image_path: str | Path, mask_path: str | Path, card: dict) -> tup
             )
     mask_data = (np.asanyarray(mask.dataobj) > 0.5).astype(np.float32)
     norm = IntensityNormalisation.from_dict(card["input"]["intensity_normalisation"])
-    data = norm.apply(np.asanyarray(image.dataobj), mask_data)
+    from ..utils.input_image import is_skull_stripped, network_input  # the image as in training
+
+    raw = network_input(np.asanyarray(image.dataobj), mask_data, input_image=card["input"].get("image", "brain"),
+                        skull_stripped=is_skull_stripped(image_path))
+    data = norm.apply(raw, mask_data)
     return data, mask_data, image.affine
 
 

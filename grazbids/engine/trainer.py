@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..utils.atomic import atomic_path, write_text
+from ..utils.process_logging import ensure_process_logging
 from .data import balanced_accuracy, class_weights
 from .device import resolve_device
 from .losses import check_mode, check_mode_for_architecture, compute_loss
@@ -145,14 +146,75 @@ class Trainer:
         self.device = resolve_device(settings.device)
 
     # ---- checkpoints -------------------------------------------------------------
+    # The latest checkpoint and the one before it are kept, and each selected-epoch file
+    # records its epoch: a damaged file (full disk, a copy cut short) costs one epoch, and a
+    # checkpoint is only resumed together with the selected weights it refers to.
     def _checkpoint_path(self) -> Path | None:
         return self.workdir / "checkpoint.safetensors" if self.workdir else None
 
     def _save_checkpoint(self, model, optimiser, header: dict) -> None:
-        save_checkpoint(self._checkpoint_path(), model, optimiser, header)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        opt_state = optimiser.state_dict()
+        for index, state in opt_state["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        header = {**header, "param_groups": opt_state["param_groups"]}
+        _write_keeping_previous(self._checkpoint_path(), tensors, {"header": json.dumps(header)})
 
     def _load_checkpoint(self, model, optimiser, fingerprint: str) -> dict | None:
-        return load_checkpoint(self._checkpoint_path(), model, optimiser, fingerprint, self.name)
+        path = self._checkpoint_path()
+        if path is None:
+            return None
+        for candidate in (path, _previous(path)):
+            if not candidate.exists():
+                continue
+            try:
+                header, tensors = _read_checkpoint(candidate)
+            except CheckpointError as err:
+                _discard(candidate, f"{self.name}: checkpoint {err}")
+                continue
+            if header.get("fingerprint") != fingerprint:
+                LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", self.name, candidate)
+                return None
+            selected = self._find_selected(header.get("best"))
+            if selected is False:
+                LOG.warning("%s: the selected-epoch weights that checkpoint %s refers to (epoch %s) are missing or "
+                            "damaged; not resuming from it", self.name, candidate, header["best"]["epoch"])
+                continue
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("optim."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+            self._selected = selected
+            LOG.info("%s: resuming after epoch %d of %d from %s", self.name, header["epoch"],
+                        self.settings.epochs, candidate)
+            return header
+        if path.exists() or _previous(path).exists():
+            LOG.warning("%s: no usable checkpoint in %s; training starts from epoch 1", self.name, path.parent)
+        return None
+
+    def _find_selected(self, best: dict | None):
+        """The selected-epoch tensors a checkpoint refers to; None without a validation set,
+        False when no readable file holds that epoch."""
+        if best is None:
+            return None
+        path = self.workdir / "selected.safetensors"
+        for candidate in (path, _previous(path)):
+            if not candidate.exists():
+                continue
+            try:
+                metadata, tensors = _read_safetensors(candidate)
+            except CheckpointError as err:
+                _discard(candidate, f"{self.name}: selected-epoch weights {err}")
+                continue
+            # files written before epochs were recorded: only the current one, trusted as before
+            epoch = metadata.get("epoch")
+            if (epoch is None and candidate == path) or epoch == str(best["epoch"]):
+                return tensors
+        return False
 
     # ---- one pass ----------------------------------------------------------------
     def _loss_function(self, model):
@@ -234,6 +296,7 @@ class Trainer:
     # ---- public ------------------------------------------------------------------
     def fit(self, data: TrainingData, train_index, val_index=None) -> FitResult:
         s = self.settings
+        ensure_process_logging()  # in a Nipype worker: progress and resume messages reach the user
         train_index = np.asarray(train_index)
         val_index = np.asarray(val_index) if val_index is not None and len(val_index) else None
         self._selected = None
@@ -269,7 +332,7 @@ class Trainer:
                 score = (val["balanced_accuracy"], val["relevance_inside"])
                 if _is_better(score, tuple(best["score"]) if best else None):
                     best = {"epoch": epoch, "score": list(score)}
-                    self._save_selected(model, val)
+                    self._save_selected(model, {**val, "epoch": epoch})
             history.append(row)
             LOG.info("%s epoch %d/%d: %s", self.name, epoch, s.epochs,
                      ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
@@ -289,7 +352,7 @@ class Trainer:
         if val_index is not None and best is not None:
             selected = best["epoch"]
             # kept in memory unless this is a resumed run that selected an earlier epoch
-            tensors = getattr(self, "_selected", None) or load_file(str(self.workdir / "selected.safetensors"))
+            tensors = self._selected
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             val_probs = tensors["val.probabilities"].numpy()
             val_inside = tensors["val.inside"].numpy()
@@ -317,8 +380,100 @@ class Trainer:
         tensors["val.inside"] = torch.as_tensor(val["inside"], dtype=torch.float32)
         self._selected = tensors
         if self.workdir and distributed_rank_and_size()[0] == 0:
-            with atomic_path(self.workdir / "selected.safetensors", suffix=".safetensors") as tmp:
-                save_file(tensors, str(tmp))
+            _write_keeping_previous(self.workdir / "selected.safetensors", tensors, {"epoch": str(val["epoch"])})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read completely."""
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name.replace(".safetensors", ".prev.safetensors"))
+
+
+def _write_keeping_previous(path: Path, tensors: dict, metadata: dict) -> None:
+    """Write ``path`` atomically; the file it replaces becomes ``<name>.prev.safetensors``."""
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        if path.exists():
+            path.replace(_previous(path))
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    """Metadata and tensors of a complete file; CheckpointError otherwise (the header is
+    checked first, so a damaged file never reaches the allocator)."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..utils.safetensors_header import WeightsFileError, read_header
+
+    try:
+        read_header(path)
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        return metadata, load_file(str(path))
+    except (WeightsFileError, SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable ({err})") from None
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    metadata, tensors = _read_safetensors(path)
+    try:
+        header = json.loads(metadata["header"])
+        int(header["epoch"]), header["param_groups"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has no valid header ({err})") from None
+    return header, tensors
+
+
+def _discard(path: Path, message: str) -> None:
+    """Move a damaged file aside (kept for inspection, never read again) and say so."""
+    broken = path.with_name(path.name + ".broken")
+    LOG.warning("%s; moved aside to %s", message, broken.name)
+    try:
+        path.replace(broken)
+    except OSError as err:
+        LOG.warning("cannot move %s aside: %s", path, err)
+
+
+def save_checkpoint(path: Path, model, optimiser, header: dict) -> None:
+    """Weights, Adam state and a JSON header in one safetensors file, written atomically
+    (the previous one kept): the Trainer's format, for other training loops (the
+    counterfactual simulator)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimiser.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    header = {**header, "param_groups": opt_state["param_groups"]}
+    _write_keeping_previous(path, tensors, {"header": json.dumps(header)})
+
+
+def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
+    """Restore model and optimiser from ``path`` (or its previous version when it is damaged)
+    when the fingerprint matches; the header, else None."""
+    if path is None:
+        return None
+    for candidate in (path, _previous(path)):
+        if not candidate.exists():
+            continue
+        try:
+            header, tensors = _read_checkpoint(candidate)
+        except CheckpointError as err:
+            _discard(candidate, f"{name}: checkpoint {err}")
+            continue
+        if header.get("fingerprint") != fingerprint:
+            LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, candidate)
+            return None
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, param = key.split(".", 2)
+                state.setdefault(int(index), {})[param] = value
+        optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], candidate)
+        return header
+    return None
 
 
 class _LossModule(torch.nn.Module):
@@ -331,41 +486,6 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, x, mask, y, w):
         return self._loss_fn(x, mask, y, w)
-
-
-def save_checkpoint(path: Path, model, optimiser, header: dict) -> None:
-    """Weights, Adam state and a JSON header in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_state = optimiser.state_dict()
-    for index, state in opt_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    header = {**header, "param_groups": opt_state["param_groups"]}
-    with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"header": json.dumps(header)})
-
-
-def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
-    """Restore model and optimiser from ``path`` when its fingerprint matches; its header, else None."""
-    if path is None or not path.exists():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        header = json.loads(handle.metadata()["header"])
-    if header.get("fingerprint") != fingerprint:
-        LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, path)
-        return None
-    tensors = load_file(str(path))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, param = key.split(".", 2)
-            state.setdefault(int(index), {})[param] = value
-    optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
-    LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], path)
-    return header
 
 
 def distributed_rank_and_size() -> tuple[int, int]:

@@ -39,6 +39,16 @@ def _zplus(model, x, target) -> torch.Tensor:
     return lrp(model, x, target, same_rule("zplus"))
 
 
+def _contrastive(model, x, target) -> torch.Tensor:
+    """Contrastive z+ (CLRP, Gu et al. 2018, with the z+ rule): the map of the target class's
+    probability minus the map of every other class's probability (the "dual"). z+ is linear
+    in the start relevance for a fixed forward pass, so R(p_c e_c) - R(p - p_c e_c) =
+    2 R(p_c e_c) - R(p): evidence that separates the class from the others, signed."""
+    if isinstance(target, str) and target == "softmax":
+        raise ValueError("the contrastive map explains one class against the others: use 'predicted' or a class index")
+    return 2 * _zplus(model, x, target) - _zplus(model, x, "softmax")
+
+
 def _composite(model, x, target, **params) -> torch.Tensor:
     return lrp(model, x, target, composite_rule(x, **params))
 
@@ -48,6 +58,9 @@ _LRP_START = " Start relevance: the softmax vector or one class's probability (t
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("zplus", "lrp", "LRP z+ (deep Taylor) in every layer, input layer included; the Graz+ heat map." + _LRP_START,
            {}, _zplus),
+    Method("contrastive", "lrp", "Contrastive z+ (CLRP): the z+ map of the class's probability minus the z+ map of "
+           "all other classes' probabilities; signed, sums to 2 p(class) - 1. Sees evidence that separates the "
+           "classes, which the whole-output z+ map spreads over the brain.", {}, _contrastive),
     Method("epsilon", "lrp", "LRP-epsilon in every layer (bias included in the denominator)." + _LRP_START,
            {"eps": 0.01}, _lrp_method("epsilon")),
     Method("alpha1beta0", "lrp", "LRP-alpha1beta0 in every layer (positive contributions only)." + _LRP_START,

@@ -18,6 +18,7 @@ from ..bids.patterns import (
 )
 from ..engine import IntensityNormalisation, TrainingData, encode_labels
 from ..exitcodes import ExitCode, GrazbidsError
+from ..utils.input_image import is_skull_stripped, network_input
 
 LOG = logging.getLogger("grazbids.group")
 NORMALISATION = IntensityNormalisation()
@@ -94,7 +95,8 @@ def find_guidance_masks(samples: list[Sample], spec: str, *, bids_dir, output_di
     return found
 
 
-def load_cohort(samples: list[Sample], guidance: list[Path] | None = None) -> tuple[TrainingData, list[str], np.ndarray]:
+def load_cohort(samples: list[Sample], guidance: list[Path] | None = None,
+                input_image: str = "brain") -> tuple[TrainingData, list[str], np.ndarray]:
     labels, classes = encode_labels([s.label for s in samples])
     if len(classes) < 2:
         raise GroupInputError(f"the target has only one class ({classes}) among the selected participants")
@@ -102,7 +104,10 @@ def load_cohort(samples: list[Sample], guidance: list[Path] | None = None) -> tu
     for k, s in enumerate(samples):
         img = nb.load(str(s.image))
         mask = (np.asanyarray(nb.load(str(s.mask)).dataobj) > 0.5).astype(np.float32)
-        images.append(NORMALISATION.apply(np.asanyarray(img.dataobj), mask))
+        # --input-image: a raw head is masked to its brain unless the network is to see the head
+        image = network_input(np.asanyarray(img.dataobj), mask, input_image=input_image,
+                              skull_stripped=is_skull_stripped(s.image))
+        images.append(NORMALISATION.apply(image, mask))
         if guidance is not None:  # channel 1: the guidance mask, kept inside the brain
             extra = np.asanyarray(nb.load(str(guidance[k])).dataobj, dtype=np.float32)
             if extra.shape != mask.shape:

@@ -103,7 +103,7 @@ def load_group_cohort(settings: GroupSettings) -> Cohort:
     guidance = find_guidance_masks(samples, settings.guidance_mask, bids_dir=settings.bids_dir,
                                    output_dir=settings.output_dir, template=settings.template,
                                    resolution=settings.resolution) if settings.guidance_mask else None
-    data, classes, affine = load_cohort(samples, guidance)
+    data, classes, affine = load_cohort(samples, guidance, settings.input_image)
     try:  # checked before hours of training, not after
         resolve_target(settings.explain_target, classes)
         atlas = load_atlas(settings.atlas, nb.load(str(samples[0].image))) if settings.atlas else None
@@ -279,6 +279,7 @@ def model_card(settings: GroupSettings, mode: str, cohort: Cohort, arch: Archite
         "input": {
             "template": settings.template, "resolution": settings.resolution, "grid_shape": list(arch.input_shape),
             "intensity_normalisation": NORMALISATION.to_dict(), "mask": "brain mask in template space",
+            "image": settings.input_image,
             "guidance_mask": settings.guidance_mask,  # relevance-term mask (None: the brain mask)
             "preprocessing": "grazbids participant level (antspyx registration to the template)",
         },

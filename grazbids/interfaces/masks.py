@@ -107,6 +107,8 @@ class _OverlapInputSpec(BaseInterfaceInputSpec):
     template_mask = File(exists=True, mandatory=True, desc="template brain mask")
     transforms = InputMultiObject(File(exists=True), mandatory=True,
                                   desc="native->template transforms (ANTs order)")
+    mask_description = traits.Str("subject T1w>0 mask", usedefault=True,
+                                  desc="what moving_mask is (for the QC definition)")
 
 
 class _OverlapOutputSpec(TraitedSpec):
@@ -139,8 +141,8 @@ class BrainMaskOverlap(SimpleInterface):
             warped_mask=str(out),
             metadata={"RegistrationQC": {
                 "BrainMaskDice": round(value, 4),
-                "Definition": "Dice(template brain mask, subject T1w>0 mask registered "
-                              "with linear interpolation and thresholded at 0.5)",
+                "Definition": f"Dice(template brain mask, {self.inputs.mask_description} "
+                              "registered with linear interpolation and thresholded at 0.5)",
             }},
         )
         return runtime

@@ -30,6 +30,11 @@ class _ReportSectionInputSpec(BaseInterfaceInputSpec):
     probsegs_template = InputMultiObject(File(exists=True), desc="written label-<tissue> probsegs")
     subject_mask_template = File(exists=True, desc="subject brain mask registered (QC node)")
     xfm_sidecar = File(exists=True, desc="sidecar of the forward transform (registration)")
+    template_mask = File(exists=True, desc="the template's brain mask, when brain_mask_template "
+                                           "is the participant's own")
+    t1w_native = File(exists=True, desc="raw T1w (extraction outline is drawn on it)")
+    brain_mask_native = File(exists=True, desc="written native brain mask")
+    dseg_native = File(exists=True, desc="written native tissue segmentation (dseg)")
     heatmap_template = File(exists=True, desc="written template-space z+ heat map")
     predictions = File(exists=True, desc="written predictions TSV")
     derivatives = InputMultiObject(traits.Str, desc="every derivative of this T1w (listed, and "
@@ -61,6 +66,9 @@ class ReportSection(SimpleInterface):
             source_file=inputs.source_file, t1w=inputs.t1w_template, brain_mask=inputs.brain_mask_template,
             probsegs=probsegs, subject_mask=_optional(inputs.subject_mask_template),
             t1w_sidecar=_optional(inputs.t1w_sidecar), xfm_sidecar=_optional(inputs.xfm_sidecar),
+            template_mask=_optional(inputs.template_mask), t1w_native=_optional(inputs.t1w_native),
+            brain_mask_native=_optional(inputs.brain_mask_native),
+            dseg_native=_optional(inputs.dseg_native),
             heatmap=_optional(inputs.heatmap_template), predictions=_optional(inputs.predictions),
             derivatives=list(inputs.derivatives) if isdefined(inputs.derivatives) else [],
             # the --explain maps are among the written derivatives (their sinks feed the barrier)

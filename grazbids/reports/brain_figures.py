@@ -61,13 +61,15 @@ def axial_cuts(mask_img, n: int = MOSAIC_SLICES) -> list[float]:
     """`n` evenly spaced axial (z) world coordinates through the inner 80 % of the mask."""
     img = _load(mask_img)
     data = np.asanyarray(img.dataobj) > 0.5
-    slices = np.flatnonzero(data.any(axis=(0, 1)))
-    low, high = (slices.min(), slices.max()) if len(slices) else (0, img.shape[2] - 1)
+    voxels = np.argwhere(data)
+    if not len(voxels):
+        voxels = np.argwhere(np.ones(data.shape, bool))
+    # world z of the mask's voxels: right for any voxel orientation (raw scans are often
+    # sagittal or coronal), and the same as a voxel-axis range on axis-aligned grids
+    z = _world(img, voxels)[:, 2]
+    low, high = float(np.min(z)), float(np.max(z))
     span = high - low
-    ks = np.linspace(low + 0.1 * span, high - 0.1 * span, n)
-    centre = np.array(img.shape[:3]) / 2
-    # z of voxel (centre_i, centre_j, k): exact for the axis-aligned template grids
-    return [float(_world(img, [centre[0], centre[1], k])[2]) for k in ks]
+    return [float(v) for v in np.linspace(low + 0.1 * span, high - 0.1 * span, n)]
 
 
 def top_share_threshold(images, mask_img, share: float = 0.1) -> float:

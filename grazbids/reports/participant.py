@@ -46,6 +46,15 @@ class T1wOutputs:
     predictions: str | None = None
     derivatives: list[str] = field(default_factory=list)
     explanations: dict[str, str] = field(default_factory=dict)  # --explain maps: desc -> template-space map
+    template_mask: str | None = None  # the template's mask when brain_mask is the participant's own
+    t1w_native: str | None = None  # raw T1w
+    brain_mask_native: str | None = None
+    dseg_native: str | None = None
+
+    @property
+    def reference_mask(self) -> str:
+        """The template's brain mask (registration check outline)."""
+        return self.template_mask or self.brain_mask
 
 
 def explanation_maps(t1w_template: str, paths) -> dict[str, str]:
@@ -89,6 +98,8 @@ def _data(path: str) -> np.ndarray:
 
 def _subject_mask(outputs: T1wOutputs) -> tuple[str | nb.Nifti1Image, str]:
     """The registered subject brain mask, or (without it) the registered T1w > 0."""
+    if outputs.subject_mask and outputs.template_mask:
+        return outputs.subject_mask, "participant's brain-extraction mask registered to the template"
     if outputs.subject_mask:
         return outputs.subject_mask, "subject brain mask (T1w > 0) registered to the template"
     img = nb.load(outputs.t1w)
@@ -110,6 +121,12 @@ def _summary(outputs: T1wOutputs, t1w_meta: dict, xfm_meta: dict) -> str:
                        ("RandomSeed", "Random seed")):
         if key in xfm_meta:
             rows.append((label, xfm_meta[key]))
+    extraction = t1w_meta.get("BrainExtraction") or {}
+    if extraction.get("Method"):
+        volume = f" ({extraction['VolumeMl']:.0f} ml)" if "VolumeMl" in extraction else ""
+        rows.append(("Brain extraction", f"{extraction['Method']}{volume}"))
+    if "BiasFieldCorrection" in t1w_meta:
+        rows.append(("Bias-field correction", t1w_meta["BiasFieldCorrection"]))
     if "SkullStripped" in t1w_meta:
         rows.append(("Skull-stripped (BIDS SkullStripped)", bool(t1w_meta["SkullStripped"])))
     dice = (t1w_meta.get("RegistrationQC") or {}).get("BrainMaskDice")
@@ -123,10 +140,10 @@ def _summary(outputs: T1wOutputs, t1w_meta: dict, xfm_meta: dict) -> str:
 
 
 def _registration_check(outputs: T1wOutputs) -> str:
-    outlines = [(outputs.brain_mask, bf.TEMPLATE_MASK_COLOUR)]
+    outlines = [(outputs.reference_mask, bf.TEMPLATE_MASK_COLOUR)]
     if "WM" in outputs.probsegs:
         outlines.append((outputs.probsegs["WM"], bf.WM_COLOUR))
-    png = bf.anatomy_figure(outputs.t1w, mask_img=outputs.brain_mask, title="T1w in template space",
+    png = bf.anatomy_figure(outputs.t1w, mask_img=outputs.reference_mask, title="T1w in template space",
                             outlines=outlines)
     caption = ("The participant's T1w after registration, with the template's brain mask (red)"
                + (" and white-matter boundary (WM probability 0.5, blue)" if len(outlines) > 1 else "")
@@ -137,10 +154,35 @@ def _registration_check(outputs: T1wOutputs) -> str:
 def _input_figure(outputs: T1wOutputs) -> str:
     mask, what = _subject_mask(outputs)
     png = bf.anatomy_figure(outputs.t1w, mask_img=outputs.brain_mask, title="network input",
-                            outlines=[(outputs.brain_mask, bf.TEMPLATE_MASK_COLOUR),
+                            outlines=[(outputs.reference_mask, bf.TEMPLATE_MASK_COLOUR),
                                       (mask, bf.SUBJECT_MASK_COLOUR)])
-    return figure(png, f"Template-space T1w (the network's input) with the {what} (green) and "
-                       "the template brain mask used for training and relevance (red).")
+    red = ("the template brain mask (red); the participant's mask is the one used for training and relevance"
+           if outputs.template_mask else "the template brain mask used for training and relevance (red)")
+    return figure(png, f"Template-space T1w (the network's input) with the {what} (green) and {red}.")
+
+
+def _extraction_figures(outputs: T1wOutputs) -> str:
+    """Brain-mask outline on the raw T1w, and the tissue segmentation's boundaries."""
+    raw = nb.load(outputs.t1w_native)
+    if raw.ndim == 4:
+        raw = raw.slicer[..., 0]
+    mask_img = nb.load(outputs.brain_mask_native)
+    parts = [figure(bf.anatomy_figure(raw, mask_img=mask_img, title="brain extraction on the raw T1w",
+                                      outlines=[(mask_img, bf.SUBJECT_MASK_COLOUR)]),
+                    "The participant's raw T1w with the outline of its brain mask (green). The outline "
+                    "should follow the brain's edge: not cut into cortex or cerebellum, not include "
+                    "skull, dura, eyes or neck.")]
+    if outputs.dseg_native:
+        dseg_img = nb.load(outputs.dseg_native)
+        labels = np.asanyarray(dseg_img.dataobj)
+        gm_wm = nb.Nifti1Image((labels >= 2).astype(np.uint8), dseg_img.affine)
+        wm = nb.Nifti1Image((labels == 3).astype(np.uint8), dseg_img.affine)
+        png = bf.anatomy_figure(raw, mask_img=mask_img, title="tissue segmentation",
+                                outlines=[(mask_img, bf.SUBJECT_MASK_COLOUR), (gm_wm, bf.TEMPLATE_MASK_COLOUR),
+                                          (wm, bf.WM_COLOUR)])
+        parts.append(figure(png, "The participant's own tissue segmentation (dseg): brain mask (green), "
+                                 "outer grey-matter boundary (red) and grey/white boundary (blue)."))
+    return "".join(parts)
 
 
 def _prediction(path: str) -> str:
@@ -155,7 +197,22 @@ def _prediction(path: str) -> str:
                      if c.startswith("probability_")]
     rows = [("Predicted class", Raw(f"<strong>{escape(row['predicted_label'])}</strong>"))]
     rows += [(f"P({name})", probability_bar(p)) for name, p in probabilities]
-    return key_value_table(rows)
+    fills = {"outside_zero": "the outside of the brain set to 0",
+             "outside_mean": "the outside of the brain set to the training mean image"}
+    warnings = []
+    for region, what in fills.items():  # decision dependence (grazbids.explain.dependence)
+        if f"flip_{region}" in table:
+            flipped = row[f"flip_{region}"] == "1"
+            change = float(row[f"prob_change_{region}"])
+            rows.append((f"With {what}", f"{'decision flips' if flipped else 'same decision'} "
+                                         f"(P(predicted) {change:+.3f})"))
+            if flipped:
+                warnings.append(what)
+    out = key_value_table(rows)
+    if warnings:
+        out += paragraph("Warning: this decision changes with " + " and with ".join(warnings) + ": it rests on "
+                         "what lies outside the brain, whatever the heat map shows.", "warn")
+    return out
 
 
 def _relevance(outputs: T1wOutputs, heatmap: str, title: str = "z+ relevance") -> str:
@@ -187,6 +244,8 @@ def render_t1w_section(outputs: T1wOutputs, output_dir: str | os.PathLike) -> st
     t1w_meta, xfm_meta = read_sidecar(outputs.t1w_sidecar), read_sidecar(outputs.xfm_sidecar)
     parts = [f'<section id="{escape(anchor)}">', heading(2, anchor),
              heading(3, "Summary"), _summary(outputs, t1w_meta, xfm_meta),
+             *([heading(3, "Brain mask and tissue segmentation (native space)"), _extraction_figures(outputs)]
+               if outputs.t1w_native and outputs.brain_mask_native else []),
              heading(3, "Registration check"), _registration_check(outputs),
              heading(3, "Input in template space"), _input_figure(outputs)]
     if outputs.predictions:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..exitcodes import ExitCode, GrazbidsError
 
 CARD_NAME = "model_card.json"
-LRP_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite")
+LRP_METHODS = ("epsilon", "alpha1beta0", "alpha2beta1", "alphabeta", "composite")  # may start from the softmax vector
 
 
 def read_model_input_space(model_path: Path) -> tuple[str, int]:

@@ -19,6 +19,23 @@ import numpy as np
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 10.0
 MIN_EXTENT = 8  # voxels per axis; fewer cannot hold a brain at any usable resolution
+# Declared size, checked from the header before any voxel is read (a 1 MB gzip can declare
+# 20000^3 voxels). 512^3 covers every structural protocol (0.5 mm whole head: 480x480x352);
+# beyond it one registration worker needs many GB (768^3 at 0.3 mm: 4 GB measured).
+MAX_VOXELS = 512**3
+# peak memory of preprocessing one image per declared voxel (measured: 768^3 -> ~4 GB)
+BYTES_PER_VOXEL = 10
+# direction cosines must be orthogonal to this tolerance: ITK (ANTs) refuses a sheared
+# sform above ~1e-4 ("ITK only supports orthonormal direction cosines") or silently reads
+# the qform instead, i.e. another geometry than nibabel's
+MAX_SHEAR = 1e-4
+
+
+def voxel_limit(mem_gb: float | None = None) -> int:
+    """Largest image (in voxels) accepted: MAX_VOXELS, lower when --mem-gb is smaller."""
+    if mem_gb is None:
+        return MAX_VOXELS
+    return max(1, min(MAX_VOXELS, int(mem_gb * 1e9 / BYTES_PER_VOXEL)))
 
 
 @dataclass
@@ -35,8 +52,9 @@ class ImageCheck:
         return f"{self.path}: " + "; ".join(self.problems or self.notes)
 
 
-def _load(path: Path):
-    """Header + fully read data, or a text saying why that is impossible."""
+def _load(path: Path, max_voxels: int = MAX_VOXELS):
+    """Header + fully read data, or a text saying why that is impossible. The declared
+    size is checked against ``max_voxels`` before the data are read."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -53,13 +71,36 @@ def _load(path: Path):
         return None, None, f"is not a readable NIfTI image ({err})"
     except (OSError, EOFError, ValueError, zlib.error) as err:
         return None, None, f"cannot be read: {err}"
+    too_big = _declared_size_problem(img, max_voxels)
+    if too_big:
+        return img, None, too_big
     try:
         data = np.asanyarray(img.dataobj)  # reads every byte: this is what catches truncation
+    except MemoryError:
+        return img, None, f"does not fit into memory (shape {img.shape}, {img.get_data_dtype()})"
     except EOFError as err:
         return img, None, f"is truncated or corrupt (data end early: {err})"
     except (OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
         return img, None, f"is truncated or corrupt (data unreadable: {err})"
     return img, data, None
+
+
+def _declared_size_problem(img, max_voxels: int) -> str | None:
+    shape = tuple(int(n) for n in img.shape)
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0  # Python ints: no overflow
+    if voxels <= max_voxels:
+        return None
+    gigabytes = voxels * max(img.get_data_dtype().itemsize, 4) / 1e9
+    return (f"declares {'x'.join(map(str, shape))} voxels ({voxels:,}, {gigabytes:,.1f} GB as float32 or "
+            f"more), above the limit of {max_voxels:,} voxels (512^3, or --mem-gb / {BYTES_PER_VOXEL} "
+            "bytes per voxel); not loaded. A broken header, or an image finer than grazbids needs: "
+            "resample it to 1 mm (e.g. `flirt -applyisoxfm 1` or `mri_convert -vs 1 1 1`) first")
+
+
+def _shear(affine: np.ndarray) -> float:
+    """Largest |cosine| between two voxel axes in world space (0 for an orthonormal affine)."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return float(np.abs(axes.T @ axes - np.eye(3)).max())
 
 
 def _stored_zooms(path: Path, img) -> tuple:
@@ -75,10 +116,10 @@ def _stored_zooms(path: Path, img) -> tuple:
         return img.header.get_zooms()
 
 
-def check_t1w_image(path: str | Path) -> ImageCheck:
+def check_t1w_image(path: str | Path, max_voxels: int = MAX_VOXELS) -> ImageCheck:
     path = Path(path)
     check = ImageCheck(path)
-    img, data, problem = _load(path)
+    img, data, problem = _load(path, max_voxels)
     if problem:
         check.problems.append(problem)
         return check
@@ -108,6 +149,12 @@ def check_t1w_image(path: str | Path) -> ImageCheck:
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         check.problems.append("has a non-finite or singular voxel-to-world affine (broken qform/sform)")
+    elif _shear(affine) > MAX_SHEAR:
+        cosine = _shear(affine)
+        check.problems.append(
+            f"has a sheared (non-orthogonal) voxel-to-world affine (voxel axes {np.degrees(np.arcsin(min(cosine, 1))):.2g}"
+            f" degrees off perpendicular, cosine {cosine:.2g} > {MAX_SHEAR:g}); ITK/ANTs cannot represent it. "
+            "Reslice the image, or reset its sform to its qform (e.g. `fslorient -copyqform2sform`)")
 
     finite = np.isfinite(data)
     if not finite.all():

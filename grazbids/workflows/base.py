@@ -82,6 +82,7 @@ def init_grazbids_wf(config: RunConfig):
             template=config.template,
             resolution=config.resolution,
             registration=config.registration,
+            **({"skull_strip": config.skull_strip} if config.skull_strip != "auto" else {}),
             omp_nthreads=config.omp_nthreads,
             seed=config.random_seed,
             # inference belongs to the participant level only; the group level trains

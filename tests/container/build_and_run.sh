@@ -36,6 +36,7 @@
 #                             IMAGE=localhost/grazbids:cuda IMAGE_TAG=grazbids:0.1.0-cuda TORCH_INDEX_URL= \
 #                                 tests/container/build_and_run.sh build
 #   IMAGE_TAG                 recorded tag (GeneratedBy.Container.Tag; default grazbids:<version>)
+#   PIP_INDEX_URL             a PyPI mirror for every pip step of the build (PyTorch's too)
 #   SAVE_ARCHIVE              if set, also write the image as a docker-archive tarball there
 #                             (input for `apptainer build grazbids.sif docker-archive://...`)
 #   RESULTS                   file that receives key=value measurements (default
@@ -153,12 +154,16 @@ build_image() {
         --build-arg TORCH_SPEC="$TORCH_SPEC" \
         --build-arg TORCH_INDEX_URL="$index_url" \
         --build-arg GRAZBIDS_VERSION="$VERSION" \
+        --build-arg CONSTRAINTS_SHA256="$(sha256sum "$REPO/constraints.txt" | cut -c1-64)" \
+        --build-arg PIP_INDEX_URL="${PIP_INDEX_URL:-}" \
         --build-arg IMAGE_TAG="${IMAGE_TAG:-grazbids:$VERSION}" \
         --build-arg VCS_REF="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || true)" \
         --build-arg BUILD_DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         -f "$ctx/Dockerfile" -t "$IMAGE" "$ctx" >"$CACHE/build.log" 2>&1 \
         || { tail -40 "$CACHE/build.log"; die "image build failed (log: $CACHE/build.log)"; }
     record build_seconds "$(since "$t0")"
+    # the documented names: `docker run grazbids ...` means grazbids:latest
+    bh tag "$IMAGE" localhost/grazbids:latest "localhost/grazbids:$VERSION"
     bh rmi --prune >/dev/null 2>&1 || true  # the builder stage's dangling image
     # size: the unpacked root file system, and gzip -6 of it (about what a registry stores)
     local ctr mnt size packed
@@ -254,7 +259,13 @@ expected = {"Entrypoint": ["grazbids"], "Cmd": ["--help"], "User": "grazbids"}
 wrong = {k: config.get(k) for k, v in expected.items() if config.get(k) != v}
 if config["Labels"].get("org.opencontainers.image.version") != sys.argv[1]:
     wrong["version label"] = config["Labels"].get("org.opencontainers.image.version")
-sys.exit(f"image configuration: {wrong}" if wrong else 0)' "$VERSION" || die "unexpected image configuration"
+if config["Labels"].get("org.grazbids.python.constraints") != f"constraints.txt sha256:{sys.argv[2]}":
+    wrong["constraints label"] = config["Labels"].get("org.grazbids.python.constraints")
+sys.exit(f"image configuration: {wrong}" if wrong else 0)' "$VERSION" "$(sha256sum "$REPO/constraints.txt" | cut -c1-64)" \
+        || die "unexpected image configuration"
+    for name in localhost/grazbids:latest "localhost/grazbids:$VERSION"; do
+        bh inspect --type image "$name" >/dev/null 2>&1 || die "the image is not tagged $name"
+    done
 
     ctr=$(bh from --pull-never --quiet "$IMAGE")
     CONTAINERS+=("$ctr")
@@ -281,13 +292,36 @@ sys.exit(f"image configuration: {wrong}" if wrong else 0)' "$VERSION" || die "un
         die "the non-root user can write into /opt/templateflow"
     fi
 
+    # the pinned versions are the installed ones
+    bh run --isolation chroot "$ctr" -- cat /opt/venv/grazbids-pip-freeze.txt >"$run_dir/freeze.txt"
+    "$PYTHON" - "$REPO/constraints.txt" "$run_dir/freeze.txt" <<'EOF' || die "installed versions differ from constraints.txt"
+import re, sys
+def pins(path):
+    out = {}
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            out[re.sub(r"[-_.]+", "-", name).lower()] = version.split("+")[0]
+    return out
+wanted, got = pins(sys.argv[1]), pins(sys.argv[2])
+wrong = {k: (v, got[k]) for k, v in wanted.items() if k in got and got[k] != v}
+missing = sorted(set(wanted) - set(got))
+print(f"pinned: {len(wanted)}, installed: {len(got)}, differing: {wrong}, not installed: {missing}")
+sys.exit(1 if wrong else 0)
+EOF
+
     touch "$run_dir/stamp"
     sleep 1
 
-    log "participant level"
+    # the documented call, literally: no -w (the default work folder, /out_work, cannot be
+    # created by the image's user: grazbids falls back to /tmp and says so), default resources
+    log "participant level (docker run grazbids /bids /out participant)"
     t0=$(now)
-    grazbids_in_image /bids /out participant -w /work --nprocs 2 --omp-nthreads 1 \
-        || die "participant level failed (exit $?)"
+    grazbids_in_image /bids /out participant 2>"$run_dir/participant.err" \
+        || { tail -20 "$run_dir/participant.err"; die "participant level failed (exit $?)"; }
+    grep -q "Work folder: /tmp/grazbids_work_.* (inside the docker container" "$run_dir/participant.err" \
+        || die "the participant level did not say where its work folder is"
     record participant_seconds "$(since "$t0")"
 
     log "group level"
