@@ -70,6 +70,7 @@ class RunConfig:
     guidance_mask: str | None = None  # e.g. "desc-lesion": relevance-term mask instead of the brain
     atlas: Path | None = None  # group level: label image in the template space (relevance per region)
     feature_visualisation: int = 0  # group level: gradient-ascent steps per class (0: no feature visualisation)
+    counterfactual: int = 0  # group level: epochs of a counterfactual simulator per mode (0: none)
     random_seed: int = DEFAULT_SEED
     # execution
     nprocs: int = 1
@@ -122,6 +123,7 @@ class GroupSettings:
     atlas: Path | None = None
     feature_visualisation: int = 0
     input_image: str = "brain"
+    counterfactual: int = 0  # simulator epochs (0: no counterfactual simulator)
 
     @classmethod
     def from_run_config(cls, config: RunConfig, participants: tuple[str, ...] | list[str]) -> "GroupSettings":
@@ -133,6 +135,7 @@ class GroupSettings:
             architecture=config.architecture, guidance_mask=config.guidance_mask, explain=tuple(config.explain),
             explain_target=config.explain_target, atlas=config.atlas,
             feature_visualisation=config.feature_visualisation, input_image=config.input_image,
+            counterfactual=config.counterfactual,
         )
 
     def to_dict(self) -> dict:

@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "mode's model (activation maximisation, Eitel et al.; jitter + periodic blur), as "
                          "NIfTI + JSON + PNG in group/mode-<mode>/featurevis/ and in the group report; STEPS "
                          "gradient-ascent steps per class (default 200, about 1 s each at 2 mm on a CPU)")
+    dl.add_argument("--counterfactual", type=_positive_int, nargs="?", const=30, default=0, metavar="EPOCHS",
+                    help="group level: after training, a counterfactual warp simulator (Liu et al. 2021) against "
+                         "each mode's final model, EPOCHS epochs (default 30), saved in the model bundle "
+                         "(model/simulator/); group-mean log-Jacobian maps per class and direction in "
+                         "group/mode-<mode>/counterfactual/ (per region with --atlas). Participant level with a "
+                         "--model that holds a simulator: simulated images and log-Jacobian maps per participant")
     dl.add_argument("--random-seed", type=_seed, default=cfg.DEFAULT_SEED, metavar="SEED",
                     help="seed for data splits, weight initialisation and shuffling (default: %(default)s)")
     return parser
@@ -316,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
         architecture=ns.architecture,
         atlas=ns.atlas.expanduser().resolve() if ns.atlas else None,
         feature_visualisation=ns.feature_visualisation,
+        counterfactual=ns.counterfactual,
         random_seed=ns.random_seed,
         nprocs=nprocs,
         omp_nthreads=omp_nthreads,

@@ -443,6 +443,47 @@ def _discard(path: Path, message: str) -> None:
         LOG.warning("cannot move %s aside: %s", path, err)
 
 
+def save_checkpoint(path: Path, model, optimiser, header: dict) -> None:
+    """Weights, Adam state and a JSON header in one safetensors file, written atomically
+    (the previous one kept): the Trainer's format, for other training loops (the
+    counterfactual simulator)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_state = optimiser.state_dict()
+    for index, state in opt_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    header = {**header, "param_groups": opt_state["param_groups"]}
+    _write_keeping_previous(path, tensors, {"header": json.dumps(header)})
+
+
+def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
+    """Restore model and optimiser from ``path`` (or its previous version when it is damaged)
+    when the fingerprint matches; the header, else None."""
+    if path is None:
+        return None
+    for candidate in (path, _previous(path)):
+        if not candidate.exists():
+            continue
+        try:
+            header, tensors = _read_checkpoint(candidate)
+        except CheckpointError as err:
+            _discard(candidate, f"{name}: checkpoint {err}")
+            continue
+        if header.get("fingerprint") != fingerprint:
+            LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, candidate)
+            return None
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, param = key.split(".", 2)
+                state.setdefault(int(index), {})[param] = value
+        optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], candidate)
+        return header
+    return None
+
+
 class _LossModule(torch.nn.Module):
     """The loss as a module, so DistributedDataParallel can wrap it."""
 
@@ -471,8 +512,8 @@ def _gather_stats(stats: dict, world: int) -> dict:
     return merged
 
 
-def write_history(path: Path, history: list[dict]) -> None:
-    columns = [c for c in HISTORY_COLUMNS if any(c in row for row in history)]
+def write_history(path: Path, history: list[dict], columns: tuple[str, ...] = HISTORY_COLUMNS) -> None:
+    columns = [c for c in columns if any(c in row for row in history)]
     lines = ["\t".join(columns)]
     for row in history:
         lines.append("\t".join(_fmt(row.get(c, float("nan"))) for c in columns))

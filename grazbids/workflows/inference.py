@@ -58,7 +58,41 @@ def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str,
     for method in explain:
         _add_explanation(workflow, inputnode, method, explain_target, model_dir=model_dir, device=device,
                          template=template, resolution=resolution, common=common)
+    from ..counterfactual.bundle import has_simulator
+
+    if has_simulator(model_dir):  # the bundle folder holds a counterfactual simulator
+        _add_counterfactual(workflow, inputnode, model_dir=model_dir, device=device, template=template,
+                            resolution=resolution, common=common)
     return workflow
+
+
+def _add_counterfactual(workflow, inputnode, *, model_dir, device, template, resolution, common: dict) -> None:
+    """Simulated T1w, displacement and log-Jacobian (template space) per direction, and the
+    log-Jacobian in native space; the probabilities before/after go into every sidecar."""
+    from ..interfaces.counterfactual import DIRECTIONS, ParticipantCounterfactual
+
+    node = pe.Node(ParticipantCounterfactual(model_dir=str(model_dir), device=device), name="counterfactual",
+                   mem_gb=4.0)
+    workflow.connect([(inputnode, node, [("t1w_template", "t1w_template"),
+                                         ("brain_mask_template", "brain_mask_template")])])
+    for direction in DIRECTIONS:
+        to_native = pe.Node(ApplyTransforms(interpolation="linear"), name=f"{direction}_logjacobian_to_native")
+        workflow.connect([(node, to_native, [(f"{direction}_logjacobian", "input_image")]),
+                          (inputnode, to_native, [("t1w_native", "reference_image"),
+                                                  ("reverse_transforms", "transforms")])])
+        outputs = [(f"{direction}_T1w", dict(space=template, res=str(resolution), suffix="T1w")),
+                   (f"{direction}_displacement", dict(space=template, res=str(resolution), suffix="displacement")),
+                   (f"{direction}_logjacobian", dict(space=template, res=str(resolution), suffix="logjacobian")),
+                   (None, dict(suffix="logjacobian"))]
+        for field, entities in outputs:
+            sink = pe.Node(DerivativesSink(desc=direction, extension=".nii.gz", **entities, **common),
+                           name=f"ds_{direction}_{entities['suffix']}{'' if field else '_native'}",
+                           run_without_submitting=True)
+            source = (node, field) if field else (to_native, "output_image")
+            workflow.connect([(source[0], sink, [(source[1], "in_file")]),
+                              (node, sink, [(f"{direction}_{'t1w_' if field and field.endswith('T1w') else ''}metadata",
+                                             "extra_metadata")]),
+                              (inputnode, sink, [("source_file", "source_file")])])
 
 
 def explanation_sink_names(method: str) -> tuple[str, str]:

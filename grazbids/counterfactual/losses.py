@@ -1,0 +1,37 @@
+"""The simulator's losses (Liu et al. 2021).
+
+- hinge on the classifier's logit shift: relu(c (l(x) - l(S_c(x))) + margin), with l the
+  log-odds of the disease class: inject (c = +1) must raise it by the margin, remove
+  (c = -1) lower it;
+- smoothness: mean L1 of the field's finite differences;
+- cycle consistency: mean |S_-c(S_c(x)) - x| (L1).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def disease_log_odds(logits: torch.Tensor, positive: int) -> torch.Tensor:
+    """logit of the disease class minus the log-sum-exp of the others (= the log-odds of
+    its softmax probability; logit difference for two classes)."""
+    others = torch.cat([logits[:, :positive], logits[:, positive + 1:]], dim=1)
+    return logits[:, positive] - torch.logsumexp(others, dim=1)
+
+
+def logit_shift_hinge(before: torch.Tensor, after: torch.Tensor, c: torch.Tensor, margin: float) -> torch.Tensor:
+    """Per sample relu(c (l(x) - l(S_c(x))) + margin)."""
+    return torch.relu(c * (before - after) + margin)
+
+
+def smoothness(u: torch.Tensor) -> torch.Tensor:
+    """Mean absolute finite difference of the field along the three axes (per sample)."""
+    diffs = [u.diff(dim=d).abs().mean(dim=(1, 2, 3, 4)) for d in (2, 3, 4)]
+    return sum(diffs) / 3.0
+
+
+def cycle_loss(x: torch.Tensor, x_cycled: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |x - S_-c(S_c(x))| per sample (inside ``mask`` when given)."""
+    diff = (x - x_cycled).abs()
+    if mask is None:
+        return diff.mean(dim=(1, 2, 3, 4))
+    return (diff * mask).sum(dim=(1, 2, 3, 4)) / mask.sum(dim=(1, 2, 3, 4)).clamp_min(1.0)

@@ -1,0 +1,168 @@
+"""Training the simulator against a frozen classifier, with the engine's machinery:
+safetensors checkpoints with a settings fingerprint (an interrupted run resumes after
+the last finished epoch, bit-identically: the order of each epoch depends only on
+(seed, epoch)), tqdm progress, a per-epoch history TSV and a dead-network check.
+
+Only correctly classified images are used (Liu et al.): every control is trained with
+c = +1 (inject), every patient with c = -1 (remove); the cycle term sends the result
+back with -c. The classifier's weights never change (requires_grad off, eval mode);
+gradients flow through it into the warped image only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..engine.device import resolve_device
+from ..engine.trainer import (
+    _batches, _epoch_order, load_checkpoint, output_collapsed, save_checkpoint, write_history,
+)
+from .losses import cycle_loss, disease_log_odds, logit_shift_hinge, smoothness
+from .network import ConditionalUNet, SimulatorArchitecture
+from .warp import folded_fraction, warp
+
+LOG = logging.getLogger("grazbids.counterfactual")
+HISTORY_COLUMNS = ("epoch", "loss", "hinge", "smoothness", "cycle", "flip_fraction", "mean_displacement_voxels",
+                   "folded_fraction")
+
+
+@dataclass
+class SimulatorSettings:
+    epochs: int = 30
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    margin: float = 2.0  # required shift of the disease log-odds
+    smoothness_weight: float = 1.0
+    cycle_weight: float = 1.0
+    seed: int = 42
+    device: str = "auto"
+    progress: bool = True
+
+    def fingerprint(self, arch: SimulatorArchitecture, classifier_sha256: str, index: np.ndarray) -> str:
+        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device")}
+        keys.update(arch=arch.to_dict(), classifier=classifier_sha256, index=np.asarray(index).tolist())
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SimulatorFit:
+    simulator: ConditionalUNet
+    history: list[dict]
+    used_index: np.ndarray  # the correctly classified images trained on
+    collapsed_epoch: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def freeze(classifier: torch.nn.Module) -> torch.nn.Module:
+    classifier.eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    return classifier
+
+
+def directions(labels: torch.Tensor, positive: int) -> torch.Tensor:
+    """+1 (inject) for images not of the disease class, -1 (remove) for the disease class."""
+    return torch.where(labels == positive, -1.0, 1.0)
+
+
+@torch.no_grad()
+def correctly_classified(classifier, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int = 2) -> np.ndarray:
+    keep = []
+    for batch in _batches(np.arange(len(labels)), batch_size):
+        logits = classifier(images[batch].to(device))
+        keep += (logits.argmax(1).cpu() == labels[batch]).tolist()
+    return np.flatnonzero(keep)
+
+
+class SimulatorTrainer:
+    def __init__(self, arch: SimulatorArchitecture, settings: SimulatorSettings, workdir: str | Path | None = None,
+                 name: str = "counterfactual"):
+        self.arch, self.settings, self.name = arch, settings, name
+        self.workdir = Path(workdir) if workdir else None
+        self.device = resolve_device(settings.device)
+
+    def step_losses(self, simulator, classifier, x, mask, c, positive: int):
+        """Loss terms of one batch (per sample) and the logits before/after the warp."""
+        s = self.settings
+        with torch.no_grad():
+            before = disease_log_odds(classifier(x), positive)
+        u = simulator(x, c)
+        simulated = warp(x, u)
+        after = disease_log_odds(classifier(simulated), positive)
+        back = simulator(simulated, -c)
+        cycled = warp(simulated, back)
+        hinge = logit_shift_hinge(before, after, c, s.margin)
+        smooth = smoothness(u) + smoothness(back)
+        cycle = cycle_loss(x, cycled, mask)
+        loss = hinge + s.smoothness_weight * smooth + s.cycle_weight * cycle
+        return {"loss": loss, "hinge": hinge, "smoothness": smooth, "cycle": cycle}, before, after, u
+
+    def fit(self, classifier: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
+            positive: int, classifier_sha256: str) -> SimulatorFit:
+        """images (N, 1, D, H, W) as the classifier sees them, masks (N, 1, ...) brain masks."""
+        s = self.settings
+        classifier = freeze(classifier.to(self.device))
+        used = correctly_classified(classifier, images, labels, self.device, s.batch_size)
+        if len(used) == 0:
+            raise ValueError("the classifier gets no training image right: nothing to train a simulator on")
+        torch.manual_seed(s.seed)
+        simulator = ConditionalUNet(self.arch).to(self.device)
+        optimiser = torch.optim.Adam(simulator.parameters(), lr=s.learning_rate)
+        fingerprint = s.fingerprint(self.arch, classifier_sha256, used)
+        checkpoint = self.workdir / "checkpoint.safetensors" if self.workdir else None
+        header = load_checkpoint(checkpoint, simulator, optimiser, fingerprint, self.name)
+        history = header["history"] if header else []
+        start = header["epoch"] + 1 if header else 1
+        c_all = directions(labels, positive)
+        collapsed = None
+        for epoch in range(start, s.epochs + 1):
+            simulator.train()
+            sums = {k: 0.0 for k in HISTORY_COLUMNS[1:]}
+            order = _epoch_order(used, s.seed, epoch)
+            bar = tqdm(list(_batches(order, s.batch_size)), desc=f"{self.name} epoch {epoch}/{s.epochs}",
+                       leave=False, disable=not s.progress, unit="batch")
+            for batch in bar:
+                x, m = images[batch].to(self.device), masks[batch].to(self.device)
+                c = c_all[batch].to(self.device)
+                terms, before, after, u = self.step_losses(simulator, classifier, x, m, c, positive)
+                terms["loss"].mean().backward()
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                for key, value in terms.items():
+                    sums[key] += float(value.detach().sum())
+                flipped = ((before > 0) != (after.detach() > 0)).float()
+                sums["flip_fraction"] += float(flipped.sum())
+                sums["mean_displacement_voxels"] += float(u.detach().norm(dim=1).mean(dim=(1, 2, 3)).sum())
+                sums["folded_fraction"] += sum(folded_fraction(u.detach()[i:i + 1], m[i:i + 1]) for i in range(len(batch)))
+            row = {"epoch": epoch, **{k: v / len(used) for k, v in sums.items()}}
+            history.append(row)
+            LOG.info("%s epoch %d/%d: %s", self.name, epoch, s.epochs,
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+            if self.workdir:
+                save_checkpoint(checkpoint, simulator, optimiser, {"epoch": epoch, "history": history,
+                                                                   "fingerprint": fingerprint})
+                write_history(self.workdir / "history.tsv", history, HISTORY_COLUMNS)
+            if self._collapsed(simulator, images, used, c_all):
+                collapsed = epoch
+                LOG.warning("%s: after epoch %d the simulator gives every input the same field; stopping. "
+                            "Use another --learning-rate (now %g) or --seed.", self.name, epoch, s.learning_rate)
+                break
+        simulator.eval()
+        return SimulatorFit(simulator.cpu(), history, used, collapsed)
+
+    @torch.no_grad()
+    def _collapsed(self, simulator, images, used, c_all, n: int = 4) -> bool:
+        """Dead-network check: the fields of a few inputs (with their direction) are identical."""
+        index = used[:n]
+        if len(index) < 2:
+            return False
+        simulator.eval()
+        fields = simulator(images[index].to(self.device), c_all[index].to(self.device))
+        return output_collapsed(fields.flatten(1).cpu().numpy())
