@@ -150,12 +150,13 @@ def test_expected_derivatives_of_the_real_participant_workflow():
 
     t1w = [f"/b/sub-01/ses-{s}/anat/sub-01_ses-{s}_T1w.nii.gz" for s in (1, 2)]
     wf = init_participant_wf(subject="01", t1w_files=t1w, bids_dir="/b", output_dir="/o", template="MNI152NLin2009aSym",
-                             resolution=2, registration="affine", omp_nthreads=1, seed=1, name="sub_01_wf")
+                             resolution=2, registration="affine", omp_nthreads=1, seed=1, name="sub_01_wf",
+                             skull_strip="skip")  # "auto" reads the (here fictitious) image to decide
     files = {str(p) for p in expected_derivatives(wf)}
-    assert len(files) == 2 * 2 * 11  # per T1w: 11 derivatives, each with its sidecar
+    assert len(files) == 2 * 2 * 13  # per T1w: 13 derivatives (dseg included), each with its sidecar
     for session in (1, 2):
         stem = f"/o/sub-01/ses-{session}/anat/sub-01_ses-{session}"
-        assert {f"{stem}_label-WM_probseg.nii.gz", f"{stem}_label-CSF_probseg.json",
+        assert {f"{stem}_label-WM_probseg.nii.gz", f"{stem}_label-CSF_probseg.json", f"{stem}_dseg.nii.gz",
                 f"{stem}_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz",
                 f"{stem}_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.h5"} <= files
 
