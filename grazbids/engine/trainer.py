@@ -157,13 +157,7 @@ class Trainer:
         return self.workdir / "checkpoint.safetensors" if self.workdir else None
 
     def _save_checkpoint(self, model, optimiser, header: dict) -> None:
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        opt_state = optimiser.state_dict()
-        for index, state in opt_state["state"].items():
-            for key, value in state.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        header = {**header, "param_groups": opt_state["param_groups"]}
-        _write_keeping_previous(self._checkpoint_path(), tensors, {"header": json.dumps(header)})
+        save_checkpoint(self._checkpoint_path(), model, optimiser, header)
 
     def _load_checkpoint(self, model, optimiser, fingerprint: str) -> dict | None:
         path = self._checkpoint_path()
@@ -185,13 +179,7 @@ class Trainer:
                 LOG.warning("%s: the selected-epoch weights that checkpoint %s refers to (epoch %s) are missing or "
                             "damaged; not resuming from it", self.name, candidate, header["best"]["epoch"])
                 continue
-            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-            state: dict[int, dict] = {}
-            for key, value in tensors.items():
-                if key.startswith("optim."):
-                    _, index, name = key.split(".", 2)
-                    state.setdefault(int(index), {})[name] = value
-            optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+            _restore(model, optimiser, header, tensors)
             self._selected = selected
             LOG.info("%s: resuming after epoch %d of %d from %s", self.name, header["epoch"],
                         self.settings.epochs, candidate)
@@ -456,6 +444,17 @@ def save_checkpoint(path: Path, model, optimiser, header: dict) -> None:
     _write_keeping_previous(path, tensors, {"header": json.dumps(header)})
 
 
+def _restore(model, optimiser, header: dict, tensors: dict) -> None:
+    """Model weights and Adam state from a checkpoint's tensors (``model.*``, ``optim.<i>.*``)."""
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, param = key.split(".", 2)
+            state.setdefault(int(index), {})[param] = value
+    optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+
+
 def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
     """Restore model and optimiser from ``path`` (or its previous version when it is damaged)
     when the fingerprint matches; the header, else None."""
@@ -472,13 +471,7 @@ def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name:
         if header.get("fingerprint") != fingerprint:
             LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, candidate)
             return None
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, param = key.split(".", 2)
-                state.setdefault(int(index), {})[param] = value
-        optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        _restore(model, optimiser, header, tensors)
         LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], candidate)
         return header
     return None
