@@ -30,7 +30,7 @@ def fold_dependence(model, images: torch.Tensor, masks: torch.Tensor, mode: str,
     for name in ("shortcut", "effect"):
         found = [_reference(r[name], shape) if name in r else None for r in references]
         if any(f is not None for f in found):
-            regions[name] = [f for f in found]
+            regions[name] = found
     rows = [{} for _ in range(len(images))]
     for name, region in regions.items():
         if isinstance(region, list):  # per-sample reference masks; samples without one: NaN
