@@ -1,5 +1,11 @@
 """Shared pytest fixtures."""
+import os
 from pathlib import Path
+
+# The engine's torch.compile'd elementwise kernels cost seconds of compilation per
+# process and dtype; the suite runs their eager twin (tests/test_pointwise.py checks
+# that both give the same results), CLI subprocesses included.
+os.environ.setdefault("GRAZBIDS_NO_COMPILE", "1")
 
 import pytest
 

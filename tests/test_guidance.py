@@ -4,7 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings, build_model, compute_loss
-from grazbids.engine.guidance import gradient_penalty, invariance_penalty
+from grazbids.engine.guidance import (
+    contrastive_start, epsilon_relevance, gradient_penalty, invariance_penalty, outside_penalty, signed_penalty,
+)
+from grazbids.explain import lrp_rules
+from grazbids.explain.graph import Affine, Flatten, layer_chain
 
 SHAPE = (8, 8, 8)
 
@@ -51,7 +55,52 @@ def test_gradient_penalty_matches_finite_differences():
     assert torch.isclose(penalty[0], grad.pow(2).sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["invariance", "gradient"])
+def test_signed_relevance_matches_the_epsilon_rule_layer_by_layer():
+    """The engine's signed map against the explain module's epsilon rule (an independent
+    implementation, itself tested against brute force) run over the layer chain."""
+    model, x, _ = _setup(4)
+    y = torch.tensor([1, 0])
+    got, logits = epsilon_relevance(model, x, y, eps=0.01)
+    chain = layer_chain(model, x)
+    inputs, a = [], x
+    for step in chain:
+        inputs.append(a)
+        a = step.forward(a)
+    assert torch.allclose(a, logits, rtol=1e-12)
+    relevance = contrastive_start(a, y)
+    for step, a_in in zip(reversed(chain), reversed(inputs)):
+        if isinstance(step, Affine):
+            relevance = lrp_rules.epsilon(step, a_in, relevance, eps=0.01)
+        elif isinstance(step, Flatten):
+            relevance = relevance.reshape(a_in.shape)
+    assert torch.allclose(got, relevance, rtol=1e-10, atol=1e-14)
+    # signed: negative evidence is kept (z+ maps are never negative)
+    assert (got < 0).any() and (got > 0).any()
+    # the start is the contrastive logit difference
+    start = contrastive_start(logits, y)
+    assert torch.allclose(start.sum(1), logits.gather(1, y[:, None])[:, 0] - logits.gather(1, 1 - y[:, None])[:, 0])
+
+
+def test_signed_penalty_is_the_outside_share_of_absolute_relevance():
+    model, x, brain = _setup(5)
+    y = torch.tensor([0, 1])
+    relevance, _ = epsilon_relevance(model, x, y)
+    penalty = signed_penalty(model, x, 1 - brain, y)
+    for i in range(2):
+        r = relevance[i].abs()
+        assert torch.isclose(penalty[i], r[brain[i] == 0].sum() / r.sum(), rtol=1e-12)
+    assert ((penalty > 0) & (penalty < 1)).all()
+    # nothing outside: no penalty; everything outside: 1
+    assert torch.allclose(signed_penalty(model, x, torch.zeros_like(x), y), torch.zeros(2, dtype=x.dtype))
+    assert torch.allclose(signed_penalty(model, x, torch.ones_like(x), y), torch.ones(2, dtype=x.dtype))
+
+
+def _penalty(kind, model, x, brain, y=torch.tensor([0, 1])):
+    xi = x.clone().requires_grad_(kind == "gradient")
+    return outside_penalty(kind, model, xi, 1 - brain, model(xi), y)
+
+
+@pytest.mark.parametrize("kind", ["invariance", "gradient", "signed"])
 def test_penalties_are_differentiable_in_the_weights(kind):
     model, x, brain = _setup(2)
     weight = next(model.parameters())
@@ -59,19 +108,12 @@ def test_penalties_are_differentiable_in_the_weights(kind):
     def loss(w):
         with torch.no_grad():
             weight.copy_(w)
-        xi = x.clone().requires_grad_(kind == "gradient")
-        logits = model(xi)
-        pen = invariance_penalty(model, xi, 1 - brain, logits) if kind == "invariance" else \
-            gradient_penalty(xi, 1 - brain, logits)
-        return pen.sum()
+        return _penalty(kind, model, x, brain).sum()
 
     # autograd gradient of the penalty with respect to the first conv weight vs central differences
     w0 = weight.detach().clone()
     weight.grad = None
-    xi = x.clone().requires_grad_(kind == "gradient")
-    logits = model(xi)
-    pen = (invariance_penalty(model, xi, 1 - brain, logits) if kind == "invariance"
-           else gradient_penalty(xi, 1 - brain, logits)).sum()
+    pen = _penalty(kind, model, x, brain).sum()
     (analytic,) = torch.autograd.grad(pen, weight)
     eps = 1e-6
     for idx in [(0, 0, 0, 0, 0), (1, 0, 1, 2, 0), (0, 0, 2, 1, 1)]:
@@ -84,15 +126,13 @@ def test_penalties_are_differentiable_in_the_weights(kind):
         weight.copy_(w0)
 
 
-@pytest.mark.parametrize("kind", ["invariance", "gradient"])
+@pytest.mark.parametrize("kind", ["invariance", "gradient", "signed"])
 def test_compute_loss_adds_the_weighted_penalty(kind):
     model, x, brain = _setup(3)
     y, w = torch.tensor([0, 1]), torch.ones(2, dtype=x.dtype)
     base = compute_loss(model, x, brain, y, w, "grazplus")
     more = compute_loss(model, x, brain, y, w, "grazplus", outside_penalty=kind, outside_penalty_weight=2.0)
-    xi = x.clone().requires_grad_(kind == "gradient")
-    logits = model(xi)
-    pen = invariance_penalty(model, xi, 1 - brain, logits) if kind == "invariance" else gradient_penalty(xi, 1 - brain, logits)
+    pen = _penalty(kind, model, x, brain, y)
     assert torch.isclose(more.loss, base.loss + 2.0 * pen.mean(), rtol=1e-8)
     with torch.no_grad():  # validation: the gradient penalty is still measured
         assert torch.isclose(compute_loss(model, x, brain, y, w, "grazplus", outside_penalty=kind,
@@ -114,3 +154,9 @@ def test_trainer_runs_with_an_outside_penalty_and_keeps_old_fingerprints(tmp_pat
                              progress=False, outside_penalty="gradient")
     result = Trainer(arch, settings, tmp_path / "w").fit(data, [0, 1, 2, 3], [0, 1])
     assert result.history[-1]["train_loss"] == result.history[-1]["train_loss"]  # finite, not NaN
+
+
+def test_signed_penalty_is_refused_for_other_architectures():
+    from grazbids.engine import kondrateva_architecture
+    with pytest.raises(ValueError, match="signed outside penalty needs the 'grazplus' architecture"):
+        Trainer(kondrateva_architecture(SHAPE), TrainSettings(mode="plain", outside_penalty="signed"))

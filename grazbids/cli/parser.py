@@ -220,11 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "in the brain (Sefcik & Benesova)")
     dl.add_argument("--guidance-power", type=_positive_float, default=None, metavar="P",
                     help="group level: p of the ratio loss (default: 1)")
-    dl.add_argument("--outside-penalty", choices=("none", "invariance", "gradient"), default=None,
+    dl.add_argument("--outside-penalty", choices=("none", "invariance", "gradient", "signed"), default=None,
                     help="group level, any mode: a loss term against shortcuts outside the brain that z+ "
                          "relevance does not see: 'invariance' penalises the change of the output when "
                          "everything outside the brain is set to 0, 'gradient' the input gradient outside "
-                         "the brain (Ross et al. 2017); default none (docs/simulation.md, Shortcut evidence)")
+                         "the brain (Ross et al. 2017), 'signed' the share of signed LRP-epsilon relevance "
+                         "of the logit difference outside the brain (Graz+ architecture only); default none "
+                         "(docs/simulation.md, Shortcut evidence)")
     dl.add_argument("--outside-penalty-weight", type=_positive_float, default=None, metavar="W",
                     help="group level: weight of --outside-penalty (default: 1.0)")
     dl.add_argument("--atlas", type=Path, default=None, metavar="DSEG",
@@ -269,6 +271,9 @@ def parse_args(argv: list[str] | None = None) -> cfg.RunConfig:
     if ns.architecture != "grazplus" and "grazplus" in ns.modes and ns.analysis_level == "group":
         raise GrazbidsError(ExitCode.USAGE, f"--architecture {ns.architecture} cannot be trained in mode grazplus "
                             "(its relevance loss needs the Graz+ network); use --mode plain and/or masked")
+    if ns.architecture != "grazplus" and ns.outside_penalty == "signed" and ns.analysis_level == "group":
+        raise GrazbidsError(ExitCode.USAGE, f"--outside-penalty signed needs the Graz+ network, not --architecture "
+                            f"{ns.architecture}; use --outside-penalty invariance or gradient")
     if ns.explain and ns.analysis_level == "participant" and ns.model_dir is None:
         raise GrazbidsError(ExitCode.USAGE, "--explain needs --model (a trained model bundle to explain)")
     template = ns.template

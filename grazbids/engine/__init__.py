@@ -4,6 +4,10 @@ Usable from Python without the BIDS layer::
 
     from grazbids.engine import Architecture, build_model, zplus_heatmap
 """
+from .allocator import keep_freed_memory
+
+keep_freed_memory()  # large activations: reuse freed memory instead of page-faulting it in again
+
 from .cohort_cache import CohortCache, CohortCacheError, build_cohort_cache, mean_image, open_or_build_cohort_cache
 from .bundle import ModelBundleError, ModelBundleMissing, check_bundle, load_bundle, read_card, save_bundle
 from .data import balanced_accuracy, class_weights, encode_labels, participant_folds

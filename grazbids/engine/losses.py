@@ -48,8 +48,11 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def check_mode_for_architecture(mode: str, architecture: str) -> None:
-    """The Graz+ loss needs the z+ forward sweep of the Graz+ network (biases <= 0)."""
+def check_mode_for_architecture(mode: str, architecture: str, outside_penalty: str = "none") -> None:
+    """The Graz+ loss needs the z+ forward sweep of the Graz+ network (biases <= 0), the
+    signed outside penalty its layer list."""
+    if outside_penalty == "signed" and architecture != "grazplus":
+        raise ValueError(f"the signed outside penalty needs the 'grazplus' architecture, not {architecture!r}")
     if mode == "grazplus" and architecture != "grazplus":
         raise ValueError(
             f"training mode 'grazplus' needs the 'grazplus' architecture, not {architecture!r}: its "
@@ -79,7 +82,7 @@ def compute_loss(
 ) -> StepOutput:
     """Loss of one (micro-)batch in the given mode.
 
-    ``outside_penalty`` (grazbids.engine.guidance): ``invariance`` or ``gradient`` adds
+    ``outside_penalty`` (grazbids.engine.guidance): ``invariance``, ``gradient`` or ``signed`` adds
     ``outside_penalty_weight`` x a per-sample penalty on what lies outside the brain mask.
 
     ``track_relevance`` computes the relevance terms for logging in the modes whose
@@ -101,9 +104,9 @@ def compute_loss(
         if outside_penalty == "gradient" and not torch.is_grad_enabled():  # validation: measured, not trained
             with torch.enable_grad():
                 x_grad = inputs.detach().requires_grad_(True)
-                penalty = penalty_of(outside_penalty, model, x_grad, 1 - brain, model(x_grad)).detach()
+                penalty = penalty_of(outside_penalty, model, x_grad, 1 - brain, model(x_grad), y).detach()
         else:
-            penalty = penalty_of(outside_penalty, model, inputs, 1 - brain, logits)
+            penalty = penalty_of(outside_penalty, model, inputs, 1 - brain, logits, y)
         return per_sample + outside_penalty_weight * penalty
     if mode == "grazplus" and (mask.shape[1] > 1 or guidance_loss == "ratio"):
         # brain and guidance mask (the brain twice without guidance) in one sweep

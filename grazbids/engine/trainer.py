@@ -52,7 +52,7 @@ class TrainSettings:
     relevance_weight: float = 1.0
     guidance_loss: str = "additive"  # relevance term: Graz+ "additive" or Šefčík's "ratio" (CE / M^p)
     guidance_power: float = 1.0  # p of the ratio loss
-    outside_penalty: str = "none"  # grazbids.engine.guidance: "invariance" or "gradient" (outside the brain)
+    outside_penalty: str = "none"  # grazbids.engine.guidance: "invariance", "gradient" or "signed" (outside the brain)
     outside_penalty_weight: float = 1.0
     seed: int = 42
     device: str = "auto"
@@ -142,7 +142,7 @@ class Trainer:
 
     def __init__(self, arch: Architecture, settings: TrainSettings, workdir: str | Path | None = None, name: str = "train"):
         check_mode(settings.mode)
-        check_mode_for_architecture(settings.mode, arch.name)
+        check_mode_for_architecture(settings.mode, arch.name, settings.outside_penalty)
         self.arch = arch
         self.settings = settings
         self.workdir = Path(workdir) if workdir else None

@@ -10,7 +10,9 @@ by convolutions in the default memory format. Here
 * ``W a + b`` and ``z = W+ a`` come from one convolution with stacked weights, and
 * the masked sweep has a hand-written backward (``MaskedConvStep``) that reuses the
   forward's buffers and runs the two weight/input gradients as two
-  ``convolution_backward`` calls instead of autograd's graph of a dozen nodes.
+  ``convolution_backward`` calls instead of autograd's graph of a dozen nodes, and
+* the elementwise work between those convolutions is fused into one pass forward and
+  one backward (pointwise.py: torch.compile on CPU, in-place eager ops elsewhere).
 
 Notation for one conv layer with input activation ``a``, mask part ``u`` (the share of
 ``a`` whose z+ evidence lies inside the mask, K masks stacked sample-major along the
@@ -27,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .pointwise import fused_step_backward, fused_step_forward
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -66,12 +70,33 @@ def forward_pair(layer: nn.Conv3d, a: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def transposed_wplus(layer: nn.Conv3d, wp: torch.Tensor, s: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
     """W+^T s shaped like the layer's input, channels-last."""
+    if in_shape[1] == 1 and _is_unit_stride_same(layer):
+        return _transposed_to_one_channel(wp, s)
     # output_padding recovers input sizes that a stride-2 conv maps to the same output size
     out_pad = [
         in_shape[2 + d] - ((s.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d] + layer.kernel_size[d])
         for d in range(3)
     ]
     return F.conv_transpose3d(to_channels_last(s), wp, None, layer.stride, layer.padding, tuple(out_pad))
+
+
+def _is_unit_stride_same(layer: nn.Conv3d) -> bool:
+    """Stride 1 and 'same' padding: the transpose is a convolution with the flipped kernel."""
+    return all(st == 1 for st in layer.stride) and all(
+        2 * p == k - 1 for p, k in zip(layer.padding, layer.kernel_size)) and layer.groups == 1
+
+
+def _transposed_to_one_channel(wp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """W+^T s for a stride-1 layer with ONE input channel (the network's first layer).
+
+    oneDNN's transposed convolution to a single channel runs at a fraction of its usual
+    speed (4x slower than this at 2 mm); a depthwise convolution of each channel of
+    ``s`` with its own flipped kernel, summed over the channels, is the same sum."""
+    channels = s.shape[1]
+    flipped = wp.flip(2, 3, 4).reshape(channels, 1, *wp.shape[2:])
+    per_channel = F.conv3d(to_channels_last(s), to_channels_last(flipped), None, 1,
+                           [k // 2 for k in wp.shape[2:]], 1, channels)
+    return to_channels_last(per_channel.sum(dim=1, keepdim=True))
 
 
 def heatmap_forward(layer: nn.Conv3d, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,15 +135,11 @@ class MaskedConvStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, u, weight, bias, stride, padding, n_masks):
-        c = weight.shape[0]
-        wp, both, bias2 = stacked_weights(weight, bias)
+        _, both, bias2 = stacked_weights(weight, bias)
         a, u = to_channels_last(a), to_channels_last(u)
         pz = F.conv3d(a, both, bias2, stride, padding)
-        p, z = pz.split(c, dim=1)
-        a_out = torch.relu(p)
-        r = ratio_into_(p, a_out, z)  # P is not needed any more: r takes its place
-        v = F.conv3d(u, to_channels_last(wp), None, stride, padding)
-        u_out = _per_mask_mul_(v, r, n_masks)
+        v = F.conv3d(u, to_channels_last(weight.clamp(min=0)), None, stride, padding)
+        a_out, r, u_out = fused_step_forward(pz, v, n_masks)
         # the backward needs neither Z nor V: on a' > 0, V / Z = u' / a' (see the class notes)
         ctx.save_for_backward(a, u, weight, a_out, r, u_out)
         ctx.conv = (tuple(stride), tuple(padding))
@@ -130,45 +151,19 @@ class MaskedConvStep(torch.autograd.Function):
     def backward(ctx, g_a_out, g_u_out):
         a, u, weight, a_out, r, u_out = ctx.saved_tensors
         stride, padding = ctx.conv
-        k, c = ctx.n_masks, weight.shape[0]
-        grads = torch.empty((a_out.shape[0], 2 * c, *a_out.shape[2:]), dtype=a_out.dtype, device=a_out.device,
-                            memory_format=CHANNELS_LAST)
-        g_p, g_z_neg = grads.split(c, dim=1)
-        # every step writes into the gradient buffer: fresh full-resolution tensors cost
-        # page faults that take longer than the arithmetic
-        if k > 1:
-            g_p.copy_((g_u_out * u_out).unflatten(0, (-1, k)).sum(dim=1))
-        else:
-            torch.mul(g_u_out, u_out, out=g_p)
-        t = g_p.div_(a_out).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # = gr / Z on a' > 0, else 0
-        torch.mul(t, r, out=g_z_neg)
-        torch.ops.aten.threshold_backward.grad_input(t.add_(g_a_out), a_out, 0, grad_input=g_p)
-        g_v = _per_mask_mul(g_u_out, r, k)
+        c = weight.shape[0]
+        grads, g_v = fused_step_backward(to_channels_last(g_a_out), to_channels_last(g_u_out), u_out, a_out, r,
+                                         ctx.n_masks)
         wp = weight.clamp(min=0)
         need_a, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_a, g_both, g_bias2 = torch.ops.aten.convolution_backward(
-            grads, a, to_channels_last(torch.cat([weight, -wp])), [2 * c], stride, padding, (1, 1, 1), False,
-            (0, 0, 0), 1, (need_a, True, True))
+            to_channels_last(grads), a, to_channels_last(torch.cat([weight, -wp])), [2 * c], stride, padding,
+            (1, 1, 1), False, (0, 0, 0), 1, (need_a, True, True))
         g_u, g_wp_v, _ = torch.ops.aten.convolution_backward(
-            g_v, u, to_channels_last(wp), None, stride, padding, (1, 1, 1), False, (0, 0, 0), 1,
+            to_channels_last(g_v), u, to_channels_last(wp), None, stride, padding, (1, 1, 1), False, (0, 0, 0), 1,
             (need_u, True, False))
         g_weight = g_both[:c] + torch.where(weight >= 0, g_wp_v - g_both[c:], 0.0)
         return g_a, g_u, g_weight.contiguous(), g_bias2[:c], None, None, None
-
-
-def _per_mask_mul(t: torch.Tensor, r: torch.Tensor, n_masks: int) -> torch.Tensor:
-    """t * r where t carries K masks per sample (sample-major) and r one per sample."""
-    if n_masks == 1:
-        return t * r
-    return (t.unflatten(0, (-1, n_masks)) * r.unsqueeze(1)).flatten(0, 1)
-
-
-def _per_mask_mul_(t: torch.Tensor, r: torch.Tensor, n_masks: int) -> torch.Tensor:
-    """In-place ``_per_mask_mul`` (t is a fresh convolution output)."""
-    if n_masks == 1:
-        return t.mul_(r)
-    t.unflatten(0, (-1, n_masks)).mul_(r.unsqueeze(1))
-    return t
 
 
 def masked_conv_step(layer: nn.Conv3d, a: torch.Tensor, u: torch.Tensor, n_masks: int):
