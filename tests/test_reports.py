@@ -34,6 +34,7 @@ def test_participant_report_has_every_section_and_embeds_figures(tmp_path):
                   "Relevance (z+ heat map)", "Derivatives"):
         assert f"<h3>{title}</h3>" in text
     assert text.count(PNG) == 3  # registration, input, heat map
+    assert outputs[0].counterfactuals == {} and "Counterfactual" not in text  # no simulator outputs
     _assert_self_contained(text)
     assert "0.9300" in text and "below 0.94" in text  # Dice flagged under the target
     assert "0.877" in text and "ANTsPy test" in text  # P(m) and the xfm sidecar
@@ -110,6 +111,7 @@ def test_group_report_shows_cv_table_curves_confusion_and_explanations(tmp_path)
                   "Confusion matrix", "Explanation metrics", "Participants (out-of-fold)"):
         assert f"<h3>{title}</h3>" in text or f"<h2>{title}</h2>" in text
     assert text.count(PNG) == 5  # class maps, curves, confusion, tissue bars, metric strips
+    assert "Counterfactual" not in text  # no --counterfactual outputs
     _assert_self_contained(text)
     for value in ("0.750", "0.625", "0.912", "0.877", "0.688 ± 0.088", "0.667"):  # cv_metrics.tsv/json
         assert value in text
@@ -169,3 +171,99 @@ def test_group_report_reads_what_group_training_writes(tmp_path):
         assert f"<h3>{title}</h3>" in text
     assert text.count("Relevance per atlas region") == 2 and "left_part" in text  # z+ and gradient
     _assert_self_contained(text)
+
+
+# --------------------------------------------------------------------------- counterfactual sections
+def test_participant_report_shows_the_counterfactual_outputs(tmp_path):
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    write_counterfactual_outputs(anat, remove_flips=False)
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert sorted(outputs.counterfactuals) == ["inject", "remove"]
+    assert sorted(outputs.counterfactuals["remove"]) == ["T1w", "logjacobian"]
+    text = write_participant_report("01", [render_t1w_section(outputs, out)], out).read_text()
+    section = text[text.index("<h3>Counterfactual simulation</h3>"):text.index("<h3>Derivatives</h3>")]
+    assert section.count(PNG) == 2 and text.count(PNG) == 5  # + original/simulated rows and log-Jacobian rows
+    _assert_self_contained(text)
+    # the probabilities of the sidecars, before and after each warp
+    assert "0.877 → 0.950" in section and "0.877 → 0.800" in section and "0.123 → 0.200" in section
+    assert "inject: the classifier already predicted m" in section  # nothing to flip
+    assert '<p class="warn">Note: the remove warp did not flip the decision (m before and after' in section
+    assert "log-Jacobian &lt; 0 (blue): the simulator shrinks" in section and "not ground truth" in section
+    assert "colour scale ±0.3" in section and "inject 0.12 %; remove 0.12 %" in section  # symmetric; folded
+    # a warp that flips the decision: no warning
+    write_counterfactual_outputs(anat, remove_flips=True)
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert "did not flip" not in text and "<td>flips</td>" in text and "0.877 → 0.390" in text
+
+
+def test_counterfactual_section_needs_both_files_of_a_direction(tmp_path):
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    from report_helpers import write_counterfactual_outputs
+
+    written = write_counterfactual_outputs(anat)
+    written["remove_logjacobian"].unlink()
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert list(outputs.counterfactuals) == ["inject"]
+    written["inject_T1w"].unlink()
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert outputs.counterfactuals == {} and "Counterfactual" not in render_t1w_section(outputs, out)
+
+
+def test_report_section_interface_finds_the_counterfactual_derivatives(tmp_path):
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    stem = anat / f"sub-01_space-{TPL}_res-2"
+    written = write_counterfactual_outputs(anat)
+    section = pe.Node(ReportSection(
+        source_file="/raw/sub-01/anat/sub-01_T1w.nii.gz", output_dir=str(out),
+        t1w_template=f"{stem}_desc-preproc_T1w.nii.gz", brain_mask_template=f"{stem}_desc-brain_mask.nii.gz",
+        derivatives=[str(p) for p in written.values()],
+    ), name="section", base_dir=str(tmp_path / "work"))
+    text = Path(section.run().outputs.out_fragment).read_text()
+    assert "<h3>Counterfactual simulation</h3>" in text and text.count(PNG) == 4  # registration, input + 2
+
+
+def test_group_report_shows_the_counterfactual_maps(tmp_path):
+    from report_helpers import write_group_counterfactual
+
+    out = tmp_path / "out"
+    mode_dir = write_group_outputs(out, explanation=False)
+    write_group_counterfactual(mode_dir)
+    text = write_group_report(out).read_text()
+    start = text.index("<h3>Counterfactual simulator (group-mean log-Jacobian)</h3>")
+    section = text[start:text.index("<h3>Participants (out-of-fold)</h3>")]
+    assert section.count(PNG) == 1 and text.count(PNG) == 4
+    _assert_self_contained(text)
+    assert "training decisions flipped by inject (in sample)</th><td>75.00 %" in section
+    assert "Note: the remove warp flipped none" in section and "Note: the inject warp" not in section
+    assert "last epoch: hinge</th><td>1.235" in section and "diffeomorphic field</th><td>yes" in section
+    assert "colour scale ±0.2" in section and "log-Jacobian &lt; 0 (blue)" in section
+    assert "rows: class f: inject (2 images); class m: remove (1 images)" in section
+    # regions: the largest |mean log-Jacobian| first, one column per class and direction
+    assert section.index("right_ventricle") < section.index("left_hippocampus")
+    assert "mean log-Jacobian, class f: inject" in section and "0.456" in section
+    # without the counterfactual folder the report has no such section
+    import shutil
+
+    shutil.rmtree(mode_dir / "counterfactual")
+    shutil.rmtree(mode_dir / "model")
+    assert "Counterfactual" not in write_group_report(out).read_text()
+
+
+def test_group_counterfactual_section_without_regions_and_summary(tmp_path):
+    from grazbids.group.layout import ModeLayout
+    from grazbids.reports.counterfactual import group_section
+    from report_helpers import write_group_counterfactual
+
+    mode_dir = write_group_outputs(tmp_path, explanation=False)
+    folder = write_group_counterfactual(mode_dir, regions=False)
+    (folder / "summary.json").unlink()
+    html = group_section(ModeLayout(mode_dir))
+    assert html.count(PNG) == 1 and "atlas region" not in html
+    assert "class f: inject" in html and "class m: remove" in html  # row titles from the file names
