@@ -244,7 +244,7 @@ def test_group_report_shows_the_counterfactual_maps(tmp_path):
     assert "Note: the remove warp flipped none" in section and "Note: the inject warp" not in section
     assert "last epoch: hinge</th><td>1.235" in section and "diffeomorphic field</th><td>yes" in section
     assert "colour scale ±0.2" in section and "log-Jacobian &lt; 0 (blue)" in section
-    assert "rows: class f: inject (2 images); class m: remove (1 images)" in section
+    assert "rows: class f: inject (2 images); class m: remove (1 image)" in section
     # regions: the largest |mean log-Jacobian| first, one column per class and direction
     assert section.index("right_ventricle") < section.index("left_hippocampus")
     assert "mean log-Jacobian, class f: inject" in section and "0.456" in section

@@ -248,7 +248,8 @@ def group_section(mode: ModeLayout) -> str:
         scale = (f"colour scale ±{vmax:.2g} ({_volume_change(vmax)} / {_volume_change(-vmax)} local volume)"
                  if vmax > 0 else "every map is 0 in the brain (the simulator left the images unchanged)")
         counts = {f"class {k.replace('/', ': ')}": n for k, n in (summary.get("n_per_map") or {}).items()}
-        rows = "; ".join(f"{title} ({counts[title]} images)" if title in counts else title for title in maps)
+        rows = "; ".join(f"{title} ({counts[title]} image{'' if counts[title] == 1 else 's'})" if title in counts
+                         else title for title in maps)
         caption = (f"Mean log-Jacobian per true class and direction (rows: {rows})"
                    + (" over the template T1w (brain)" if background is not None else "")
                    + f"; the same axial slices (z = {cuts} mm, left of the brain on the left) and the same "

@@ -14,8 +14,6 @@ import os
 import re
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
 import pandas as pd
 
 from ..explain.dependence import FLIP_RATE_WARNING
