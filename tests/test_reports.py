@@ -205,6 +205,9 @@ def test_counterfactual_section_needs_both_files_of_a_direction(tmp_path):
     from report_helpers import write_counterfactual_outputs
 
     written = write_counterfactual_outputs(anat)
+    Path(str(written["remove_logjacobian"]).replace(".nii.gz", ".json")).unlink()  # figures stay, a note says so
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert text.count(PNG) == 5 and "remove: the classifier&#x27;s decisions before and after the warp are not" in text
     written["remove_logjacobian"].unlink()
     (outputs,) = discover_t1w_outputs(out, "01")
     assert list(outputs.counterfactuals) == ["inject"]
@@ -267,3 +270,18 @@ def test_group_counterfactual_section_without_regions_and_summary(tmp_path):
     html = group_section(ModeLayout(mode_dir))
     assert html.count(PNG) == 1 and "atlas region" not in html
     assert "class f: inject" in html and "class m: remove" in html  # row titles from the file names
+
+
+def test_an_identity_warp_is_drawn_and_named_as_such(tmp_path):
+    """All-zero log-Jacobian maps (a simulator that stayed at the identity) still render."""
+    import nibabel as nb
+    import numpy as np
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    written = write_counterfactual_outputs(write_participant_outputs(out))
+    for direction in ("inject", "remove"):
+        img = nb.load(written[f"{direction}_logjacobian"])
+        nb.save(nb.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), written[f"{direction}_logjacobian"])
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert text.count(PNG) == 5 and "the maps are 0 everywhere in the brain (the warp is the identity)" in text

@@ -227,12 +227,14 @@ def signed_rows_figure(maps: dict[str, object], anat_imgs, *, mask_img, vmax: fl
     fig, height = _rows_figure(len(maps))
     for row, (name, img) in enumerate(maps.items()):
         anat = anat_imgs.get(name) if isinstance(anat_imgs, dict) else anat_imgs
-        plotting.plot_stat_map(
-            _load(img), bg_img=_load(anat) if anat is not None else None, display_mode="z", cut_coords=cuts,
-            figure=fig, axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, cmap=SIGNED_CMAP,
-            vmax=vmax, threshold=threshold, symmetric_cbar=True, colorbar=row == 0, black_bg=True,
-            draw_cross=False, dim=0.3, annotate=False, cbar_tick_format="%.2g",
-        )
+        with warnings.catch_warnings():  # a map with nothing above the threshold is drawn as anatomy
+            warnings.filterwarnings("ignore", message="empty mask")
+            plotting.plot_stat_map(
+                _load(img), bg_img=_load(anat) if anat is not None else None, display_mode="z", cut_coords=cuts,
+                figure=fig, axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, cmap=SIGNED_CMAP,
+                vmax=vmax, threshold=threshold, symmetric_cbar=True, colorbar=row == 0, black_bg=True,
+                draw_cross=False, dim=0.3, annotate=False, cbar_tick_format="%.2g",
+            )
     return png_bytes(fig)
 
 

@@ -91,6 +91,9 @@ def _probability_row(direction: str, meta: dict, positive: str) -> dict:
 def _decision_notes(direction: str, meta: dict, positive: str) -> list[str]:
     """Plain notes on a warp that did not change the decision, or had nothing to change."""
     before, after = meta.get("PredictedBefore"), meta.get("PredictedAfter")
+    if before is None or after is None:
+        return [paragraph(f"{direction}: the classifier's decisions before and after the warp are not recorded "
+                          "(sidecar missing or incomplete).", "warn")]
     probabilities = [(meta.get(k) or {}).get(positive) for k in ("ProbabilitiesBefore", "ProbabilitiesAfter")]
     p = f"P({positive}) {probabilities[0]:.3f} → {probabilities[1]:.3f}" if None not in probabilities else "P n/a"
     already = (before == positive) if direction == "inject" else (before is not None and before != positive)
@@ -108,8 +111,10 @@ def participant_section(t1w: str, brain_mask: str, maps: dict[str, dict[str, str
     """HTML of the counterfactual outputs of one T1w ('' without any)."""
     if not maps:
         return ""
-    metas = {d: _json(_sidecar(files["logjacobian"])) for d, files in maps.items()}
-    positive = _positive_class(next(iter(metas.values())))
+    # a missing sidecar leaves the figures (and says so) rather than losing the section
+    metas = {d: _json(_sidecar(files["logjacobian"])) if _sidecar(files["logjacobian"]).exists() else {}
+             for d, files in maps.items()}
+    positive = _positive_class(next((m for m in metas.values() if m), {}))
     table = data_table(pd.DataFrame([_probability_row(d, m, positive) for d, m in metas.items()]))
     notes = [note for d, m in metas.items() for note in _decision_notes(d, m, positive)]
     images = {"original (template-space T1w)": t1w, **{f"{d}: simulated": maps[d]["T1w"] for d in maps}}
@@ -128,8 +133,8 @@ def participant_section(t1w: str, brain_mask: str, maps: dict[str, dict[str, str
              f"\"remove\" takes it away. The probabilities are the classifier's on the original and on the "
              f"warped image (from the sidecars of the desc-inject/desc-remove outputs).")
     images_caption = (f"The participant's template-space T1w (top) and the simulated images, the same axial slices "
-                      f"(z = {cuts} mm) and the same grey scale in every row. The warp is smooth by design, so "
-                      "differences are subtle: compare the edges of ventricles, sulci and the brain.")
+                      f"(z = {cuts} mm) and the same grey scale in every row: compare them slice by slice at the "
+                      "edges of ventricles, sulci and the brain, where the warp moves tissue.")
     logjac_caption = (f"Log-Jacobian of each warp (log of the local volume in the simulated image over the "
                       f"original) over that simulated image, {scale}; |values| below "
                       f"{bf.HEAT_THRESHOLD_SHARE:.0%} of it are not drawn. {MEANING} Folded voxels (det <= 0, "
