@@ -387,6 +387,9 @@ def test_participant_level_adds_counterfactual_outputs_when_the_bundle_holds_a_s
     finally:
         os.chdir(cwd)
     out = result.outputs
+    import pickle
+
+    assert pickle.loads(pickle.dumps(out)).remove_logjacobian == out.remove_logjacobian  # Nipype pickles results
     assert out.inject_t1w_metadata["SkullStripped"] is True and "SkullStripped" not in out.inject_metadata
     assert set(out.remove_metadata["ProbabilitiesAfter"]) == {"control", "patient"}
     import nibabel as nb

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -253,9 +254,9 @@ def template_underlay(template: str, resolution, maps) -> tuple[object | None, o
             brain = np.asanyarray(t1w.dataobj) * (np.asanyarray(mask.dataobj) > 0)
             return nb.Nifti1Image(brain.astype(np.float32), t1w.affine), str(tpl.brain_mask)
         LOG.warning("report: %s grid %s differs from the template's %s; no anatomical underlay",
-                    maps[0], shape, tpl.shape)
+                    Path(maps[0]).name, shape, tpl.shape)
     except (TemplateNotFoundError, ValueError) as err:
-        LOG.warning("report: no template underlay for %s (%s)", maps[0], err)
+        LOG.warning("report: no template underlay for %s (%s)", Path(maps[0]).name, err)
     first = _load(maps[0])
     support = np.any([np.asanyarray(_load(m).dataobj) != 0 for m in maps], axis=0)
     return None, nb.Nifti1Image(support.astype(np.uint8), first.affine)
