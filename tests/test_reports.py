@@ -1,5 +1,6 @@
 """HTML reports: participant and group reports render from synthetic outputs, are
 self-contained, and the Nipype interfaces/workflow nodes write them."""
+import json
 import re
 from pathlib import Path
 
@@ -54,8 +55,6 @@ def test_participant_report_without_model_has_no_prediction(tmp_path):
 
 
 def _add_explanation_map(anat, method="gradcam"):
-    import json
-
     import nibabel as nb
     import numpy as np
 
@@ -189,14 +188,22 @@ def test_participant_report_shows_the_counterfactual_outputs(tmp_path):
     _assert_self_contained(text)
     # the probabilities of the sidecars, before and after each warp
     assert "0.877 → 0.950" in section and "0.877 → 0.800" in section and "0.123 → 0.200" in section
-    assert "inject: the classifier already predicted m" in section  # nothing to flip
+    assert "inject: the classifier already predicted m, where this direction aims" in section  # nothing to flip
     assert '<p class="warn">Note: the remove warp did not flip the decision (m before and after' in section
     assert "log-Jacobian &lt; 0 (blue): the simulator shrinks" in section and "not ground truth" in section
     assert "colour scale ±0.3" in section and "inject 0.12 %; remove 0.12 %" in section  # symmetric; folded
     # a warp that flips the decision: no warning
     write_counterfactual_outputs(anat, remove_flips=True)
     text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
-    assert "did not flip" not in text and "<td>flips</td>" in text and "0.877 → 0.390" in text
+    assert "did not flip" not in text and "<td>flips to f</td>" in text and "0.877 → 0.390" in text
+    assert "wrong way" not in text
+    # an inject warp that moves the decision away from the class it should inject
+    meta_path = anat / f"sub-01_space-{TPL}_res-2_desc-inject_logjacobian.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(ProbabilitiesAfter={"f": 0.6, "m": 0.4}, PredictedAfter="f")
+    meta_path.write_text(json.dumps(meta))
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert "Note: the inject warp moved the decision the wrong way (m → f; P(m) 0.877 → 0.400)" in text
 
 
 def test_counterfactual_section_needs_both_files_of_a_direction(tmp_path):

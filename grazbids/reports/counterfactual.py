@@ -77,7 +77,8 @@ def _probability_row(direction: str, meta: dict, positive: str) -> dict:
     before, after = meta.get("ProbabilitiesBefore") or {}, meta.get("ProbabilitiesAfter") or {}
     row = {"direction": f"{direction} ({'towards' if direction == 'inject' else 'away from'} {positive})",
            "predicted before": meta.get("PredictedBefore", "n/a"), "predicted after": meta.get("PredictedAfter", "n/a"),
-           "decision": "flips" if meta.get("PredictedBefore") != meta.get("PredictedAfter") else "unchanged"}
+           "decision": (f"flips to {meta.get('PredictedAfter')}"
+                        if meta.get("PredictedBefore") != meta.get("PredictedAfter") else "unchanged")}
     for name in meta.get("ModelClasses") or sorted(before):
         if name in before and name in after:
             row[f"P({name}) before → after"] = f"{before[name]:.3f} → {after[name]:.3f}"
@@ -88,18 +89,28 @@ def _probability_row(direction: str, meta: dict, positive: str) -> dict:
     return row
 
 
+def _on_target(direction: str, label: str, positive: str) -> bool:
+    """Whether a decision is where the direction aims: the disease class for inject, any
+    other class for remove."""
+    return (label == positive) if direction == "inject" else (label != positive)
+
+
 def _decision_notes(direction: str, meta: dict, positive: str) -> list[str]:
-    """Plain notes on a warp that did not change the decision, or had nothing to change."""
+    """Plain notes on a warp that did not change the decision, moved it the wrong way, or
+    had nothing to change."""
     before, after = meta.get("PredictedBefore"), meta.get("PredictedAfter")
     if before is None or after is None:
         return [paragraph(f"{direction}: the classifier's decisions before and after the warp are not recorded "
                           "(sidecar missing or incomplete).", "warn")]
     probabilities = [(meta.get(k) or {}).get(positive) for k in ("ProbabilitiesBefore", "ProbabilitiesAfter")]
     p = f"P({positive}) {probabilities[0]:.3f} → {probabilities[1]:.3f}" if None not in probabilities else "P n/a"
-    already = (before == positive) if direction == "inject" else (before is not None and before != positive)
-    if already:
-        return [paragraph(f"{direction}: the classifier already predicted {before}; this direction pushes the "
-                          f"decision further the same way ({p}), so no flip is expected.", "note")]
+    if _on_target(direction, before, positive):
+        if _on_target(direction, after, positive):
+            return [paragraph(f"{direction}: the classifier already predicted {before}, where this direction aims "
+                              f"({p}); no flip is expected.", "note")]
+        return [paragraph(f"Note: the {direction} warp moved the decision the wrong way ({before} → {after}; {p}), "
+                          "against its purpose: the simulator does not work for this image, and its maps do not "
+                          f"show what makes this classifier call a brain {positive}.", "warn")]
     if before == after:
         return [paragraph(f"Note: the {direction} warp did not flip the decision ({before} before and after; {p}). "
                           "Its maps show what the simulator changed in trying, not a change that is enough to "
