@@ -149,7 +149,7 @@ def test_command_line_renders_existing_outputs(tmp_path):
     assert (out / "sub-03.html").exists() and (out / "group" / "report.html").exists()
 
 
-def test_group_report_reads_what_group_training_writes(tmp_path):
+def test_group_report_reads_what_group_training_writes(tmp_path, monkeypatch):
     from test_group_training import _cohort, _run
 
     import nibabel as nb
@@ -161,7 +161,17 @@ def test_group_report_reads_what_group_training_writes(tmp_path):
     nb.save(nb.Nifti1Image(labels, np.eye(4)), str(tmp_path / "atlas_dseg.nii.gz"))
     (tmp_path / "atlas_dseg.tsv").write_text("index\tname\n1\tleft_part\n2\tright_part\n")
     _run(bids, out, participants, tmp_path, explain=("gradient",), atlas=tmp_path / "atlas_dseg.nii.gz")
+    _group_counterfactual(out / "group" / "mode-grazplus" / "model", bids, out, participants, tmp_path, monkeypatch)
     text = write_group_report(out).read_text()
+    # --counterfactual: the simulator's maps, summary and per-region means, as the group level wrote them
+    summary = json.loads((out / "group" / "mode-grazplus" / "counterfactual" / "summary.json").read_text())
+    section = text[text.index("<h3>Counterfactual simulator (group-mean log-Jacobian)</h3>"):]
+    assert section.count(PNG) == 1 and "epochs run (of requested)</th><td>1 (of 1)" in section
+    assert f"images / correctly classified (used)</th><td>{summary['n_images']} / " in section
+    regions = pd.read_csv(out / "group" / "mode-grazplus" / "counterfactual" / "regions.tsv", sep="\t")
+    assert "<h4>Mean log-Jacobian per atlas region</h4>" in section
+    for region, n in zip(regions["region"], regions["n_voxels"]):
+        assert f'<tr><td>{region}</td><td class="num">{n}</td>' in section
     cv = pd.read_csv(out / "group" / "mode-grazplus" / "cv_metrics.tsv", sep="\t")
     for value in cv["balanced_accuracy"]:
         assert f"{value:.3f}" in text
@@ -292,3 +302,22 @@ def test_an_identity_warp_is_drawn_and_named_as_such(tmp_path):
         nb.save(nb.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), written[f"{direction}_logjacobian"])
     text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
     assert text.count(PNG) == 5 and "the maps are 0 everywhere in the brain (the warp is the identity)" in text
+
+
+def _group_counterfactual(model_dir, bids, out, participants, tmp_path, monkeypatch):
+    """The group level's counterfactual step on the toy cohort (a small simulator; the toy
+    grid is no template grid, so the reference image is the cohort's own)."""
+    import nibabel as nb
+    import numpy as np
+
+    from grazbids.counterfactual import group as group_module
+    from grazbids.counterfactual import run as run_module
+
+    real_train = run_module.train_simulator
+    monkeypatch.setattr(group_module, "train_simulator", lambda *a, **k: real_train(
+        *a, **{**k, "field_downsample": 1, "channels": (4, 8), "n_experts": 2}))
+    monkeypatch.setattr(group_module, "_reference",
+                        lambda output_dir, tpl, res: nb.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)))
+    return group_module.group_counterfactual(model_dir, bids_dir=bids, output_dir=out, participants=participants,
+                                             epochs=1, seed=0, device="cpu", workdir=tmp_path / "cf_work",
+                                             atlas=tmp_path / "atlas_dseg.nii.gz")
