@@ -267,7 +267,7 @@ def test_group_report_shows_the_counterfactual_maps(tmp_path):
     assert "rows: class f: inject (2 images); class m: remove (1 image)" in section
     # regions: the largest |mean log-Jacobian| first, one column per class and direction
     assert section.index("right_ventricle") < section.index("left_hippocampus")
-    assert "mean log-Jacobian, class f: inject" in section and "0.456" in section
+    assert "mean log-Jacobian, class f: inject" in section and "<td>+0.456</td>" in section
     # without the counterfactual folder the report has no such section
     import shutil
 

@@ -207,7 +207,8 @@ def _regions_table(path: Path) -> str:
     regions["map"] = "mean log-Jacobian, class " + regions["class"].astype(str) + ": " + regions["direction"]
     wide = regions.pivot_table(index="region", columns="map", values="mean_log_jacobian", aggfunc="first")
     order = wide.abs().max(axis=1).sort_values(ascending=False).index
-    wide = wide.loc[order].reset_index()
+    # three significant digits: a near-identity warp's means are far below 0.001
+    wide = wide.loc[order].map(lambda v: "n/a" if pd.isna(v) else f"{v:+.3g}").reset_index()
     if "n_voxels" in regions:
         wide.insert(1, "voxels", wide["region"].map(regions.groupby("region")["n_voxels"].first()))
     return (heading(4, "Mean log-Jacobian per atlas region") +
@@ -264,9 +265,9 @@ def group_section(mode: ModeLayout) -> str:
         scale = (f"colour scale ±{vmax:.2g} ({_volume_change(vmax)} / {_volume_change(-vmax)} local volume)"
                  if vmax > 0 else "every map is 0 in the brain (the simulator left the images unchanged)")
         counts = {f"class {k.replace('/', ': ')}": n for k, n in (summary.get("n_per_map") or {}).items()}
-        rows = "; ".join(f"{title} ({counts[title]} image{'' if counts[title] == 1 else 's'})" if title in counts
-                         else title for title in maps)
-        caption = (f"Mean log-Jacobian per true class and direction (rows: {rows})"
+        titles = "; ".join(f"{title} ({counts[title]} image{'' if counts[title] == 1 else 's'})" if title in counts
+                           else title for title in maps)
+        caption = (f"Mean log-Jacobian per true class and direction (rows: {titles})"
                    + (" over the template T1w (brain)" if background is not None else "")
                    + f"; the same axial slices (z = {cuts} mm, left of the brain on the left) and the same "
                    f"symmetric {scale} in every row; |values| below {bf.HEAT_THRESHOLD_SHARE:.0%} of it are not "
