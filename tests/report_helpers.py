@@ -106,3 +106,72 @@ def write_group_outputs(out: Path, shape=(20, 24, 20), explanation: bool = True,
             "mean": {"relevance_inside_brain": 0.8925, "relevance_gm": 0.5},
             "mean_by_true_label": {"f": {"relevance_gm": 0.475}, "m": {"relevance_gm": 0.525}}}))
     return mode_dir
+
+
+def _counterfactual_meta(direction: str, flips: bool) -> dict:
+    """Sidecar fields as grazbids.counterfactual.run.sidecar writes them."""
+    before = {"f": 0.123456, "m": 0.876544}  # predicted m (the disease class of these tests)
+    if direction == "remove":
+        after = {"f": 0.61, "m": 0.39} if flips else {"f": 0.2, "m": 0.8}
+    else:  # already m: inject can only push further
+        after = {"f": 0.05, "m": 0.95}
+    return {"Description": "counterfactual (%s the pattern of class 'm')" % direction, "Direction": direction,
+            "ModelClasses": ["f", "m"], "PositiveClass": "m", "ProbabilitiesBefore": before,
+            "ProbabilitiesAfter": after, "PredictedBefore": max(before, key=before.get),
+            "PredictedAfter": max(after, key=after.get), "LogOddsBefore": float(np.log(before["m"] / before["f"])),
+            "LogOddsAfter": float(np.log(after["m"] / after["f"])),
+            "FoldedFraction": 0.00125, "MinJacobianDeterminant": 0.42, "Diffeomorphic": False,
+            "SkullStripped": True}
+
+
+def write_counterfactual_outputs(anat: Path, subject: str = "01", remove_flips: bool = True) -> dict[str, Path]:
+    """desc-inject/desc-remove T1w and log-Jacobian (template space) with sidecars, as the
+    participant level writes them beside ``write_participant_outputs``."""
+    stem = anat / f"sub-{subject}_space-{TPL}_res-2"
+    t1w = nb.load(f"{stem}_desc-preproc_T1w.nii.gz")
+    brain = np.asanyarray(nb.load(f"{stem}_desc-brain_mask.nii.gz").dataobj) > 0
+    centre = (np.array(t1w.shape) - 1) / 2
+    written = {}
+    for direction, sign in (("inject", -1.0), ("remove", 1.0)):
+        blob = _ball(t1w.shape, centre + 2, 3)
+        logjac = np.where(brain, sign * 0.3 * blob - sign * 0.05 * ~blob, 0).astype(np.float32)
+        simulated = np.asanyarray(t1w.dataobj) * (1 + 0.1 * sign * blob)
+        meta = _counterfactual_meta(direction, remove_flips)
+        for kind, data in (("T1w", simulated.astype(np.float32)), ("logjacobian", logjac)):
+            path = _save(Path(f"{stem}_desc-{direction}_{kind}.nii.gz"), data, t1w.affine)
+            path.with_name(path.name.replace(".nii.gz", ".json")).write_text(json.dumps(meta))
+            written[f"{direction}_{kind}"] = path
+    return written
+
+
+def write_group_counterfactual(mode_dir: Path, shape=(20, 24, 20), flip_inject: float = 0.75,
+                               regions: bool = True) -> Path:
+    """``mode-<mode>/counterfactual/`` and ``model/simulator/simulator_card.json`` as
+    grazbids.counterfactual.group writes them (hand-made numbers)."""
+    folder = mode_dir / "counterfactual"
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    centre = (np.array(shape) - 1) / 2
+    maps = {}
+    for cls, direction, sign in (("f", "inject", -1.0), ("m", "remove", 1.0)):
+        data = sign * (0.2 * _ball(shape, centre - 2, 3) - 0.1 * _ball(shape, centre + 3, 2))
+        name = f"tpl-{TPL}_res-2_class-{cls}_desc-{direction}_logjacobian.nii.gz"
+        _save(folder / name, data.astype(np.float32), affine)
+        maps[f"{cls}/{direction}"] = name
+    (folder / "summary.json").write_text(json.dumps({
+        "classes": ["f", "m"], "positive_class": "m", "n_images": 4, "n_correctly_classified": 3,
+        "n_per_map": {"f/inject": 2, "m/remove": 1}, "flip_fraction": {"inject": flip_inject, "remove": 0.0},
+        "folded_fraction_mean": 0.0004, "maps": maps}))
+    if regions:
+        pd.DataFrame([{"class": c, "direction": d, "region": r, "mean_log_jacobian": v, "n_voxels": n}
+                      for c, d in (("f", "inject"), ("m", "remove"))
+                      for r, v, n in (("left_hippocampus", -0.123 if d == "inject" else 0.1, 40),
+                                      ("right_ventricle", 0.456 if d == "inject" else -0.4, 30))]).to_csv(
+            folder / "regions.tsv", sep="\t", index=False)
+    card = mode_dir / "model" / "simulator" / "simulator_card.json"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(json.dumps({
+        "format": "grazbids-counterfactual-simulator", "architecture": {"diffeomorphic": True, "field_downsample": 2},
+        "training": {"epochs": 30, "batch_size": 2, "learning_rate": 0.001, "margin": 2.0, "smoothness_weight": 1.0,
+                     "cycle_weight": 1.0, "seed": 42, "epochs_run": 30, "collapsed_epoch": None,
+                     "final_epoch": {"epoch": 30, "loss": 2.5, "hinge": 1.234567, "flip_fraction": 0.5}}}))
+    return folder

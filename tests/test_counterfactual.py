@@ -1,6 +1,7 @@
 """Counterfactual warp simulator (grazbids.counterfactual): warps, Jacobians, conditional
 convolution, losses, training against a frozen classifier, bundles and their errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,19 +357,21 @@ def test_cli_apply_writes_everything_and_errors_have_exit_codes(trained_classifi
 def test_participant_level_adds_counterfactual_outputs_when_the_bundle_holds_a_simulator(trained_classifier, tmp_path):
     from grazbids.counterfactual.bundle import classifier_hash
     from grazbids.interfaces.counterfactual import ParticipantCounterfactual
-    from grazbids.workflows.inference import init_inference_wf
+    from grazbids.workflows.inference import counterfactual_sink_names, init_inference_wf
 
     model, images, masks, labels = trained_classifier
     bundle = _bundle(tmp_path, model)
     kwargs = dict(model_dir=bundle, device="cpu", bids_dir=tmp_path, output_dir=tmp_path / "out",
                   template="MNI152NLin2009aSym", resolution=2)
     assert "counterfactual" not in init_inference_wf(**kwargs).list_node_names()
+    assert counterfactual_sink_names(bundle) == ()  # the participant report waits for no such sink
     save_simulator(bundle, ConditionalUNet(_arch()), {"classifier": {"sha256": classifier_hash(bundle),
                                                                       "positive_class": "patient"}})
     names = init_inference_wf(**kwargs).list_node_names()
     for name in ("counterfactual", "inject_logjacobian_to_native", "ds_inject_T1w", "ds_remove_displacement",
                  "ds_remove_logjacobian", "ds_remove_logjacobian_native"):
         assert name in names
+    assert len(counterfactual_sink_names(bundle)) == 8 and set(counterfactual_sink_names(bundle)) <= set(names)
     (t1w, mask), _ = _preprocessed(tmp_path, images, masks)
     t1w.with_name(t1w.name.replace(".nii.gz", ".json")).write_text('{"SkullStripped": true}')
     node = ParticipantCounterfactual(t1w_template=str(t1w), brain_mask_template=str(mask), model_dir=str(bundle),
@@ -384,12 +387,43 @@ def test_participant_level_adds_counterfactual_outputs_when_the_bundle_holds_a_s
     finally:
         os.chdir(cwd)
     out = result.outputs
+    import pickle
+
+    assert pickle.loads(pickle.dumps(out)).remove_logjacobian == out.remove_logjacobian  # Nipype pickles results
     assert out.inject_t1w_metadata["SkullStripped"] is True and "SkullStripped" not in out.inject_metadata
     assert set(out.remove_metadata["ProbabilitiesAfter"]) == {"control", "patient"}
     import nibabel as nb
 
     field = nb.load(out.inject_displacement)
     assert field.shape == (12, 12, 12, 3) and field.header.get_intent()[0] == "displacement vector"
+    _assert_participant_report_section(tmp_path / "derivatives", t1w, mask, out)
+
+
+def _assert_participant_report_section(derivatives, t1w, mask, out):
+    """The node's outputs under the names the sinks give them: the participant report's
+    counterfactual section shows the probabilities of the node's own metadata."""
+    import shutil
+
+    from grazbids.reports import discover_t1w_outputs, render_t1w_section
+
+    anat = derivatives / "sub-0" / "anat"
+    anat.mkdir(parents=True)
+    stem = anat / "sub-0_space-MNI152NLin2009aSym_res-2"
+    shutil.copy(t1w, f"{stem}_desc-preproc_T1w.nii.gz")
+    shutil.copy(mask, f"{stem}_desc-brain_mask.nii.gz")
+    for direction in ("inject", "remove"):
+        for kind in ("T1w", "logjacobian"):
+            shutil.copy(getattr(out, f"{direction}_{kind}"), f"{stem}_desc-{direction}_{kind}.nii.gz")
+            meta = getattr(out, f"{direction}_{'t1w_' if kind == 'T1w' else ''}metadata")
+            Path(f"{stem}_desc-{direction}_{kind}.json").write_text(json.dumps(meta))
+    (outputs,) = discover_t1w_outputs(derivatives, "0")
+    html = render_t1w_section(outputs, derivatives)
+    assert "<h3>Counterfactual simulation</h3>" in html and html.count("data:image/png;base64,") == 4
+    for direction in ("inject", "remove"):
+        meta = getattr(out, f"{direction}_metadata")
+        assert meta["PositiveClass"] == "patient"
+        before, after = meta["ProbabilitiesBefore"]["patient"], meta["ProbabilitiesAfter"]["patient"]
+        assert f"<td>{before:.3f} → {after:.3f}</td>" in html
 
 
 # --------------------------------------------------------------------------- group level
@@ -441,3 +475,15 @@ def test_group_counterfactual_writes_the_simulator_and_group_maps(trained_classi
     for name in summary["maps"].values():
         assert nb.load(out / name).shape == (12, 12, 12)
     load_simulator(bundle)  # the bundle holds a simulator made for this classifier
+    # the group report's section reads what was just written
+    from grazbids.group.layout import ModeLayout
+    from grazbids.reports.counterfactual import group_section
+
+    html = group_section(ModeLayout(bundle.parent))
+    assert "<h3>Counterfactual simulator (group-mean log-Jacobian)</h3>" in html
+    assert html.count("data:image/png;base64,") == 1 and "epochs run (of requested)</th><td>1 (of 1)" in html
+    for direction, fraction in summary["flip_fraction"].items():
+        if fraction is not None:
+            assert f"flipped by {direction} (in sample)</th><td>{100 * fraction:.2f} %" in html
+    for key, n in summary["n_per_map"].items():
+        assert f"class {key.replace('/', ': ')} ({n} image" in html

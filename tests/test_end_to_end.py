@@ -84,3 +84,36 @@ def test_participant_level_with_model_on_a_real_subject(real_bids_dir, tmp_path)
     assert sorted(Path(m).name for m in maps) == ["sub-01_desc-zplus_heatmap.nii.gz",
                                                  f"sub-01_space-{TPL}_res-2_desc-zplus_heatmap.nii.gz"]
     assert np.isfinite(native.get_fdata()).all()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_participant_level_with_a_counterfactual_simulator_and_its_report(real_bids_dir, tmp_path):
+    """A bundle that holds a simulator (untrained: the plumbing is tested): the simulated
+    images, fields and log-Jacobian maps are written, and the participant report shows them
+    with the probabilities of their sidecars."""
+    from grazbids.counterfactual import ConditionalUNet, SimulatorArchitecture, save_simulator
+    from grazbids.counterfactual.bundle import classifier_hash
+
+    out = tmp_path / "out"
+    bundle = _untrained_bundle(tmp_path / "model")
+    torch.manual_seed(0)
+    save_simulator(bundle, ConditionalUNet(SimulatorArchitecture((97, 115, 97))),
+                   {"classifier": {"sha256": classifier_hash(bundle), "positive_class": "m"}})
+    code = main([str(real_bids_dir), str(out), "participant", "--participant-label", "01",
+                 "--skip-bids-validation", "--model", str(bundle), "--device", "cpu",
+                 "--nprocs", "2", "-w", str(tmp_path / "work")])
+    assert code == 0
+    anat = out / "sub-01" / "anat"
+    stem = f"sub-01_space-{TPL}_res-2"
+    for direction in ("inject", "remove"):
+        for kind in ("T1w", "displacement", "logjacobian"):
+            assert (anat / f"{stem}_desc-{direction}_{kind}.nii.gz").is_file()
+        assert (anat / f"sub-01_desc-{direction}_logjacobian.nii.gz").is_file()  # native space
+    report = (out / "sub-01.html").read_text()
+    section = report[report.index("<h3>Counterfactual simulation</h3>"):report.index("<h3>Derivatives</h3>")]
+    assert section.count("data:image/png;base64,") == 2
+    for direction in ("inject", "remove"):
+        meta = json.loads((anat / f"{stem}_desc-{direction}_logjacobian.json").read_text())
+        before, after = meta["ProbabilitiesBefore"]["m"], meta["ProbabilitiesAfter"]["m"]
+        assert f"<td>{before:.3f} → {after:.3f}</td>" in section

@@ -217,3 +217,26 @@ def test_sub01_affine_res2_end_to_end(real_bids_dir, tmp_path):
     assert second < first
     print(f"sub-01 affine res-2: first run {first:.1f} s, cached rerun {second:.1f} s, "
           f"Dice {meta['RegistrationQC']['BrainMaskDice']}")
+
+
+def test_the_report_waits_for_the_counterfactual_sinks(tiny_bids, tmp_path):
+    """A bundle folder holding a simulator: the report section's barrier collects the eight
+    counterfactual sinks too (the section reads their files)."""
+    from grazbids.workflows.inference import counterfactual_sink_names
+
+    model_dir = tmp_path / "model"
+    (model_dir / "simulator").mkdir(parents=True)
+    bids_dir, files = tiny_bids
+
+    def into_merge():
+        wf = _build(bids_dir, files[:1], tmp_path / "out", model_dir=str(model_dir), device="cpu")
+        anat = wf.get_node("anat_ses_a_wf")
+        return sorted(out_field.split(".")[0] for src, dst, data in anat._graph.edges(data=True)
+                      if dst.name == "merge_derivatives" and src.name == "inference_wf"
+                      for out_field, _ in data["connect"])
+
+    assert into_merge() == ["ds_heatmap_native", "ds_heatmap_template", "ds_predictions"]
+    (model_dir / "simulator" / "simulator_card.json").write_text("{}")  # has_simulator reads the name only
+    sinks = counterfactual_sink_names(model_dir)
+    assert len(sinks) == 8 and into_merge() == sorted(sinks + ("ds_heatmap_native", "ds_heatmap_template",
+                                                               "ds_predictions"))

@@ -1,5 +1,6 @@
 """HTML reports: participant and group reports render from synthetic outputs, are
 self-contained, and the Nipype interfaces/workflow nodes write them."""
+import json
 import re
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_participant_report_has_every_section_and_embeds_figures(tmp_path):
                   "Relevance (z+ heat map)", "Derivatives"):
         assert f"<h3>{title}</h3>" in text
     assert text.count(PNG) == 3  # registration, input, heat map
+    assert outputs[0].counterfactuals == {} and "Counterfactual" not in text  # no simulator outputs
     _assert_self_contained(text)
     assert "0.9300" in text and "below 0.94" in text  # Dice flagged under the target
     assert "0.877" in text and "ANTsPy test" in text  # P(m) and the xfm sidecar
@@ -53,8 +55,6 @@ def test_participant_report_without_model_has_no_prediction(tmp_path):
 
 
 def _add_explanation_map(anat, method="gradcam"):
-    import json
-
     import nibabel as nb
     import numpy as np
 
@@ -110,6 +110,7 @@ def test_group_report_shows_cv_table_curves_confusion_and_explanations(tmp_path)
                   "Confusion matrix", "Explanation metrics", "Participants (out-of-fold)"):
         assert f"<h3>{title}</h3>" in text or f"<h2>{title}</h2>" in text
     assert text.count(PNG) == 5  # class maps, curves, confusion, tissue bars, metric strips
+    assert "Counterfactual" not in text  # no --counterfactual outputs
     _assert_self_contained(text)
     for value in ("0.750", "0.625", "0.912", "0.877", "0.688 ± 0.088", "0.667"):  # cv_metrics.tsv/json
         assert value in text
@@ -148,7 +149,7 @@ def test_command_line_renders_existing_outputs(tmp_path):
     assert (out / "sub-03.html").exists() and (out / "group" / "report.html").exists()
 
 
-def test_group_report_reads_what_group_training_writes(tmp_path):
+def test_group_report_reads_what_group_training_writes(tmp_path, monkeypatch):
     from test_group_training import _cohort, _run
 
     import nibabel as nb
@@ -160,7 +161,17 @@ def test_group_report_reads_what_group_training_writes(tmp_path):
     nb.save(nb.Nifti1Image(labels, np.eye(4)), str(tmp_path / "atlas_dseg.nii.gz"))
     (tmp_path / "atlas_dseg.tsv").write_text("index\tname\n1\tleft_part\n2\tright_part\n")
     _run(bids, out, participants, tmp_path, explain=("gradient",), atlas=tmp_path / "atlas_dseg.nii.gz")
+    _group_counterfactual(out / "group" / "mode-grazplus" / "model", bids, out, participants, tmp_path, monkeypatch)
     text = write_group_report(out).read_text()
+    # --counterfactual: the simulator's maps, summary and per-region means, as the group level wrote them
+    summary = json.loads((out / "group" / "mode-grazplus" / "counterfactual" / "summary.json").read_text())
+    section = text[text.index("<h3>Counterfactual simulator (group-mean log-Jacobian)</h3>"):]
+    assert section.count(PNG) == 1 and "epochs run (of requested)</th><td>1 (of 1)" in section
+    assert f"images / correctly classified (used)</th><td>{summary['n_images']} / " in section
+    regions = pd.read_csv(out / "group" / "mode-grazplus" / "counterfactual" / "regions.tsv", sep="\t")
+    assert "<h4>Mean log-Jacobian per atlas region</h4>" in section
+    for region, n in zip(regions["region"], regions["n_voxels"]):
+        assert f'<tr><td>{region}</td><td class="num">{n}</td>' in section
     cv = pd.read_csv(out / "group" / "mode-grazplus" / "cv_metrics.tsv", sep="\t")
     for value in cv["balanced_accuracy"]:
         assert f"{value:.3f}" in text
@@ -169,3 +180,144 @@ def test_group_report_reads_what_group_training_writes(tmp_path):
         assert f"<h3>{title}</h3>" in text
     assert text.count("Relevance per atlas region") == 2 and "left_part" in text  # z+ and gradient
     _assert_self_contained(text)
+
+
+# --------------------------------------------------------------------------- counterfactual sections
+def test_participant_report_shows_the_counterfactual_outputs(tmp_path):
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    write_counterfactual_outputs(anat, remove_flips=False)
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert sorted(outputs.counterfactuals) == ["inject", "remove"]
+    assert sorted(outputs.counterfactuals["remove"]) == ["T1w", "logjacobian"]
+    text = write_participant_report("01", [render_t1w_section(outputs, out)], out).read_text()
+    section = text[text.index("<h3>Counterfactual simulation</h3>"):text.index("<h3>Derivatives</h3>")]
+    assert section.count(PNG) == 2 and text.count(PNG) == 5  # + original/simulated rows and log-Jacobian rows
+    _assert_self_contained(text)
+    # the probabilities of the sidecars, before and after each warp
+    assert "0.877 → 0.950" in section and "0.877 → 0.800" in section and "0.123 → 0.200" in section
+    assert "inject: the classifier already predicted m, where this direction aims" in section  # nothing to flip
+    assert '<p class="warn">Note: the remove warp did not flip the decision (m before and after' in section
+    assert "log-Jacobian &lt; 0 (blue): the simulator shrinks" in section and "not ground truth" in section
+    assert "colour scale ±0.3" in section and "inject 0.12 %; remove 0.12 %" in section  # symmetric; folded
+    # a warp that flips the decision: no warning
+    write_counterfactual_outputs(anat, remove_flips=True)
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert "did not flip" not in text and "<td>flips to f</td>" in text and "0.877 → 0.390" in text
+    assert "wrong way" not in text
+    # an inject warp that moves the decision away from the class it should inject
+    meta_path = anat / f"sub-01_space-{TPL}_res-2_desc-inject_logjacobian.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(ProbabilitiesAfter={"f": 0.6, "m": 0.4}, PredictedAfter="f")
+    meta_path.write_text(json.dumps(meta))
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert "Note: the inject warp moved the decision the wrong way (m → f; P(m) 0.877 → 0.400)" in text
+
+
+def test_counterfactual_section_needs_both_files_of_a_direction(tmp_path):
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    from report_helpers import write_counterfactual_outputs
+
+    written = write_counterfactual_outputs(anat)
+    Path(str(written["remove_logjacobian"]).replace(".nii.gz", ".json")).unlink()  # figures stay, a note says so
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert text.count(PNG) == 5 and "remove: the classifier&#x27;s decisions before and after the warp are not" in text
+    written["remove_logjacobian"].unlink()
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert list(outputs.counterfactuals) == ["inject"]
+    written["inject_T1w"].unlink()
+    (outputs,) = discover_t1w_outputs(out, "01")
+    assert outputs.counterfactuals == {} and "Counterfactual" not in render_t1w_section(outputs, out)
+
+
+def test_report_section_interface_finds_the_counterfactual_derivatives(tmp_path):
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    anat = write_participant_outputs(out)
+    stem = anat / f"sub-01_space-{TPL}_res-2"
+    written = write_counterfactual_outputs(anat)
+    section = pe.Node(ReportSection(
+        source_file="/raw/sub-01/anat/sub-01_T1w.nii.gz", output_dir=str(out),
+        t1w_template=f"{stem}_desc-preproc_T1w.nii.gz", brain_mask_template=f"{stem}_desc-brain_mask.nii.gz",
+        derivatives=[str(p) for p in written.values()],
+    ), name="section", base_dir=str(tmp_path / "work"))
+    text = Path(section.run().outputs.out_fragment).read_text()
+    assert "<h3>Counterfactual simulation</h3>" in text and text.count(PNG) == 4  # registration, input + 2
+
+
+def test_group_report_shows_the_counterfactual_maps(tmp_path):
+    from report_helpers import write_group_counterfactual
+
+    out = tmp_path / "out"
+    mode_dir = write_group_outputs(out, explanation=False)
+    write_group_counterfactual(mode_dir)
+    text = write_group_report(out).read_text()
+    start = text.index("<h3>Counterfactual simulator (group-mean log-Jacobian)</h3>")
+    section = text[start:text.index("<h3>Participants (out-of-fold)</h3>")]
+    assert section.count(PNG) == 1 and text.count(PNG) == 4
+    _assert_self_contained(text)
+    assert "training decisions flipped by inject (in sample)</th><td>75.00 %" in section
+    assert "Note: the remove warp flipped none" in section and "Note: the inject warp" not in section
+    assert "last epoch: hinge</th><td>1.235" in section and "diffeomorphic field</th><td>yes" in section
+    assert "colour scale ±0.2" in section and "log-Jacobian &lt; 0 (blue)" in section
+    assert "rows: class f: inject (2 images); class m: remove (1 image)" in section
+    # regions: the largest |mean log-Jacobian| first, one column per class and direction
+    assert section.index("right_ventricle") < section.index("left_hippocampus")
+    assert "mean log-Jacobian, class f: inject" in section and "<td>+0.456</td>" in section
+    # without the counterfactual folder the report has no such section
+    import shutil
+
+    shutil.rmtree(mode_dir / "counterfactual")
+    shutil.rmtree(mode_dir / "model")
+    assert "Counterfactual" not in write_group_report(out).read_text()
+
+
+def test_group_counterfactual_section_without_regions_and_summary(tmp_path):
+    from grazbids.group.layout import ModeLayout
+    from grazbids.reports.counterfactual import group_section
+    from report_helpers import write_group_counterfactual
+
+    mode_dir = write_group_outputs(tmp_path, explanation=False)
+    folder = write_group_counterfactual(mode_dir, regions=False)
+    (folder / "summary.json").unlink()
+    html = group_section(ModeLayout(mode_dir))
+    assert html.count(PNG) == 1 and "atlas region" not in html
+    assert "class f: inject" in html and "class m: remove" in html  # row titles from the file names
+
+
+def test_an_identity_warp_is_drawn_and_named_as_such(tmp_path):
+    """All-zero log-Jacobian maps (a simulator that stayed at the identity) still render."""
+    import nibabel as nb
+    import numpy as np
+    from report_helpers import write_counterfactual_outputs
+
+    out = tmp_path / "out"
+    written = write_counterfactual_outputs(write_participant_outputs(out))
+    for direction in ("inject", "remove"):
+        img = nb.load(written[f"{direction}_logjacobian"])
+        nb.save(nb.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), written[f"{direction}_logjacobian"])
+    text = render_t1w_section(discover_t1w_outputs(out, "01")[0], out)
+    assert text.count(PNG) == 5 and "the maps are 0 everywhere in the brain (the warp is the identity)" in text
+
+
+def _group_counterfactual(model_dir, bids, out, participants, tmp_path, monkeypatch):
+    """The group level's counterfactual step on the toy cohort (a small simulator; the toy
+    grid is no template grid, so the reference image is the cohort's own)."""
+    import nibabel as nb
+    import numpy as np
+
+    from grazbids.counterfactual import group as group_module
+    from grazbids.counterfactual import run as run_module
+
+    real_train = run_module.train_simulator
+    monkeypatch.setattr(group_module, "train_simulator", lambda *a, **k: real_train(
+        *a, **{**k, "field_downsample": 1, "channels": (4, 8), "n_experts": 2}))
+    monkeypatch.setattr(group_module, "_reference",
+                        lambda output_dir, tpl, res: nb.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)))
+    return group_module.group_counterfactual(model_dir, bids_dir=bids, output_dir=out, participants=participants,
+                                             epochs=1, seed=0, device="cpu", workdir=tmp_path / "cf_work",
+                                             atlas=tmp_path / "atlas_dseg.nii.gz")

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..engine.bundle import load_bundle
+from ..group.layout import ModeLayout
 from ..utils.atomic import atomic_path, write_json, write_tsv
 from .apply import counterfactuals
 from .bundle import load_simulator
@@ -28,7 +29,6 @@ from .run import check_classifier_card, train_simulator
 from .training import SimulatorSettings, correctly_classified
 
 LOG = logging.getLogger("grazbids.counterfactual")
-FOLDER = "counterfactual"
 
 
 def _safe(label: str) -> str:
@@ -65,7 +65,7 @@ def group_counterfactual(model_dir: str | Path, *, bids_dir, output_dir, partici
         counts[key] = counts.get(key, 0) + 1
         flips[direction].append(int(np.argmax(r.probabilities_after)) != int(labels[i]))
         folded.append(r.folded_fraction)
-    out_dir = model_dir.parent / FOLDER
+    out_dir = ModeLayout(model_dir.parent).counterfactual_dir
     template, res = card["input"]["template"], card["input"]["resolution"]
     reference = _reference(output_dir, template, res)
     maps, rows = {}, []

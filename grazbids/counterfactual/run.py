@@ -148,6 +148,7 @@ def sidecar(r, card: dict, sim_card: dict, bundle: Path) -> dict:
         "Simulator": os.path.abspath(Path(bundle) / SIMULATOR_DIR),
         "ClassifierSHA256": sim_card["classifier"]["sha256"],
         "ModelClasses": classes,
+        "PositiveClass": str(sim_card["classifier"]["positive_class"]),
         "ProbabilitiesBefore": {c: round(float(p), 6) for c, p in zip(classes, r.probabilities_before)},
         "ProbabilitiesAfter": {c: round(float(p), 6) for c, p in zip(classes, r.probabilities_after)},
         "PredictedBefore": classes[int(np.argmax(r.probabilities_before))],

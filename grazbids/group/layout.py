@@ -10,6 +10,7 @@ group report both take their paths from here, so a file name is spelled once.
     group/mode-<mode>/explain-<method>/  (the same explanation files for --explain METHOD)
     group/mode-<mode>/history/fold-<k>_history.tsv, final_history.tsv
     group/mode-<mode>/model/ (bundle), featurevis/ (--feature-visualisation)
+    group/mode-<mode>/counterfactual/ (--counterfactual: group-mean log-Jacobian maps, summary.json)
 """
 from __future__ import annotations
 
@@ -74,6 +75,10 @@ class ModeLayout:
     @property
     def featurevis_dir(self) -> Path:
         return self.root / "featurevis"
+
+    @property
+    def counterfactual_dir(self) -> Path:
+        return self.root / "counterfactual"
 
     def method_dir(self, method: str) -> Path:
         """z+ keeps its historical place in the mode folder; other methods get a subfolder."""

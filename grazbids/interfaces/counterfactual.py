@@ -21,7 +21,12 @@ def _output_spec():
     fields.update({f"{d}_metadata": traits.Dict(desc=f"{d}: sidecar fields") for d in DIRECTIONS})
     fields.update({f"{d}_t1w_metadata": traits.Dict(desc=f"{d}: sidecar fields of the simulated T1w")
                    for d in DIRECTIONS})
-    return type("_CounterfactualOutputSpec", (TraitedSpec,), fields)
+    # Nipype pickles the outputs (result_*.pklz, and between MultiProc workers): the class
+    # must be importable by name from this module, not from traits' metaclass
+    return type("_CounterfactualOutputSpec", (TraitedSpec,), {**fields, "__module__": __name__})
+
+
+_CounterfactualOutputSpec = _output_spec()
 
 
 class ParticipantCounterfactual(BaseInterface):
@@ -29,7 +34,7 @@ class ParticipantCounterfactual(BaseInterface):
     displacement field (mm) and log-Jacobian map, probabilities before/after in the metadata."""
 
     input_spec = _CounterfactualInputSpec
-    output_spec = _output_spec()
+    output_spec = _CounterfactualOutputSpec
 
     def _run_interface(self, runtime):
         from ..counterfactual.run import apply_to_image

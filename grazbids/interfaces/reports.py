@@ -53,9 +53,11 @@ class ReportSection(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..reports import T1wOutputs, render_t1w_section
+        from ..reports.counterfactual import counterfactual_maps
         from ..reports.participant import explanation_maps
 
         inputs = self.inputs
+        derivatives = list(inputs.derivatives) if isdefined(inputs.derivatives) else []
         probsegs = {}
         for path in inputs.probsegs_template if isdefined(inputs.probsegs_template) else []:
             match = _TISSUE.search(Path(path).name)
@@ -70,10 +72,11 @@ class ReportSection(SimpleInterface):
             brain_mask_native=_optional(inputs.brain_mask_native),
             dseg_native=_optional(inputs.dseg_native),
             heatmap=_optional(inputs.heatmap_template), predictions=_optional(inputs.predictions),
-            derivatives=list(inputs.derivatives) if isdefined(inputs.derivatives) else [],
-            # the --explain maps are among the written derivatives (their sinks feed the barrier)
-            explanations=explanation_maps(inputs.t1w_template,
-                                          inputs.derivatives if isdefined(inputs.derivatives) else []),
+            derivatives=derivatives,
+            # the --explain maps and counterfactual outputs are among the written derivatives
+            # (their sinks feed the barrier)
+            explanations=explanation_maps(inputs.t1w_template, derivatives),
+            counterfactuals=counterfactual_maps(inputs.t1w_template, derivatives),
         )
         out = Path(runtime.cwd) / "report_section.html"
         out.write_text(render_t1w_section(outputs, inputs.output_dir))

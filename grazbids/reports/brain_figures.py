@@ -7,7 +7,9 @@ when they are compared (classes of the group report).
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -18,7 +20,11 @@ import nibabel as nb  # noqa: E402
 import numpy as np  # noqa: E402
 from nilearn import plotting  # noqa: E402
 
+LOG = logging.getLogger("grazbids.reports")
 HEAT_CMAP = "hot"
+# Signed maps (log-Jacobian): blue < 0 (shrinkage), red > 0 (expansion), white 0; the
+# colour scale is symmetric, so equal colours mean equal magnitudes of either sign.
+SIGNED_CMAP = "RdBu_r"
 MOSAIC_SLICES = 12  # two rows of six axial slices
 # Relevance below this share of the colour maximum is left transparent, so the anatomy
 # under weak relevance stays visible.
@@ -96,6 +102,20 @@ def robust_max(images, mask_img=None, percentile: float = 99.9) -> float:
     return max(values) if values else 1.0
 
 
+def robust_abs_max(images, mask_img=None, percentile: float = 99.0) -> float:
+    """Symmetric colour limit shared by signed maps: the highest percentile of |value| in
+    the mask (0 when every map is 0 there)."""
+    mask = None if mask_img is None else np.asanyarray(_load(mask_img).dataobj) > 0.5
+    values = []
+    for img in images:
+        data = np.abs(np.asanyarray(_load(img).dataobj, dtype=np.float64))
+        data = data[mask] if mask is not None and mask.shape == data.shape else data.ravel()
+        data = data[np.isfinite(data) & (data > 0)]
+        if data.size:
+            values.append(float(np.percentile(data, percentile)))
+    return max(values) if values else 0.0
+
+
 def _contours(display, outlines) -> None:
     for img, colour in outlines:
         with warnings.catch_warnings():  # nilearn warns when a slice misses the contour
@@ -171,3 +191,72 @@ def class_heatmaps_figure(maps: dict[str, object], anat_img, *, mask_img, vmax: 
             cbar_tick_format="%.1e",
         )
     return png_bytes(fig)
+
+
+def _rows_figure(rows: int):
+    fig = plt.figure(figsize=(12, 1.9 * rows + 0.3), facecolor="black")
+    return fig, 1.0 / rows
+
+
+def anatomy_rows_figure(images: dict[str, object], *, mask_img, n_slices: int = MOSAIC_SLICES) -> bytes:
+    """One row of axial slices per image (e.g. original and simulated), the same slices and
+    the same grey scale in every row (that of the first image), so rows compare directly."""
+    cuts = axial_cuts(mask_img, n_slices)
+    first = np.asanyarray(_load(next(iter(images.values()))).dataobj, dtype=np.float64)
+    mask = np.asanyarray(_load(mask_img).dataobj) > 0.5
+    values = first[mask] if mask.shape == first.shape else first.ravel()
+    values = values[np.isfinite(values)]
+    vmin, vmax = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+    fig, height = _rows_figure(len(images))
+    for row, (name, img) in enumerate(images.items()):
+        plotting.plot_anat(_load(img), display_mode="z", cut_coords=cuts, figure=fig,
+                           axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, black_bg=True,
+                           draw_cross=False, annotate=False, colorbar=False, dim=0,
+                           vmin=float(vmin), vmax=float(max(vmax, vmin + 1e-6)))
+    return png_bytes(fig)
+
+
+def signed_rows_figure(maps: dict[str, object], anat_imgs, *, mask_img, vmax: float,
+                       threshold: float | None = None, n_slices: int = MOSAIC_SLICES) -> bytes:
+    """One row of axial slices per signed map over its anatomy (``anat_imgs``: one image for
+    every row, or a dict with the rows' names), diverging colours centred on 0 with the
+    symmetric limits +-vmax in every row; |values| below ``threshold`` (default: a share of
+    vmax) are transparent."""
+    vmax = max(float(vmax), 1e-12)  # an all-zero map still draws (as anatomy only)
+    threshold = HEAT_THRESHOLD_SHARE * vmax if threshold is None else threshold
+    cuts = axial_cuts(mask_img, n_slices)
+    fig, height = _rows_figure(len(maps))
+    for row, (name, img) in enumerate(maps.items()):
+        anat = anat_imgs.get(name) if isinstance(anat_imgs, dict) else anat_imgs
+        with warnings.catch_warnings():  # a map with nothing above the threshold is drawn as anatomy
+            warnings.filterwarnings("ignore", message="empty mask")
+            plotting.plot_stat_map(
+                _load(img), bg_img=_load(anat) if anat is not None else None, display_mode="z", cut_coords=cuts,
+                figure=fig, axes=(0.0, 1.0 - (row + 1) * height, 1.0, height), title=name, cmap=SIGNED_CMAP,
+                vmax=vmax, threshold=threshold, symmetric_cbar=True, colorbar=row == 0, black_bg=True,
+                draw_cross=False, dim=0.3, annotate=False, cbar_tick_format="%.2g",
+            )
+    return png_bytes(fig)
+
+
+def template_underlay(template: str, resolution, maps) -> tuple[object | None, object]:
+    """(background, mask) for group maps on a template grid: the template's brain (as the
+    skull-stripped images the network saw) when its grid matches the maps', else no
+    background and the maps' own support (non-zero anywhere) as mask."""
+    from ..templates import TemplateNotFoundError, get_template
+
+    maps = [str(m) for m in maps]
+    shape = _load(maps[0]).shape[:3]
+    try:
+        tpl = get_template(template, int(resolution))
+        if tuple(tpl.shape) == tuple(shape):
+            t1w, mask = nb.load(str(tpl.t1w)), nb.load(str(tpl.brain_mask))
+            brain = np.asanyarray(t1w.dataobj) * (np.asanyarray(mask.dataobj) > 0)
+            return nb.Nifti1Image(brain.astype(np.float32), t1w.affine), str(tpl.brain_mask)
+        LOG.warning("report: %s grid %s differs from the template's %s; no anatomical underlay",
+                    Path(maps[0]).name, shape, tpl.shape)
+    except (TemplateNotFoundError, ValueError) as err:
+        LOG.warning("report: no template underlay for %s (%s)", Path(maps[0]).name, err)
+    first = _load(maps[0])
+    support = np.any([np.asanyarray(_load(m).dataobj) != 0 for m in maps], axis=0)
+    return None, nb.Nifti1Image(support.astype(np.uint8), first.affine)

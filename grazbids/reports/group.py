@@ -3,7 +3,8 @@
 Per mode (``group/mode-<mode>/``): cross-validation metrics, mean z+ relevance per class
 on the template (same slices and colour scale for every class), learning curves per
 fold, the out-of-fold confusion matrix, explanation metrics when the training wrote them,
-and the participants with links to their reports. Only files that exist are shown.
+the counterfactual simulator's group-mean log-Jacobian maps (--counterfactual), and the
+participants with links to their reports. Only files that exist are shown.
 """
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ import os
 import re
 from pathlib import Path
 
-import nibabel as nb
-import numpy as np
 import pandas as pd
 
 from ..explain.dependence import FLIP_RATE_WARNING
 from ..group.layout import MEAN_MAP, GroupLayout, ModeLayout, safe_label
-from ..templates import TemplateNotFoundError, get_template
 from . import brain_figures as bf
 from . import charts
+from .counterfactual import group_section as counterfactual_section
 from .html import data_table, escape, figure, format_value, heading, key_value_table, paragraph, write_page
 
 LOG = logging.getLogger("grazbids.reports")
@@ -88,21 +87,7 @@ def _template_underlay(maps: list[Path]) -> tuple[object | None, object]:
     """(background, mask) for the mean maps: the template when its grid matches, else no
     background and the maps' own support as mask."""
     match = MEAN_MAP.match(maps[0].name)
-    shape = nb.load(str(maps[0])).shape[:3]
-    try:
-        template = get_template(match.group("tpl"), int(match.group("res")))
-        if tuple(template.shape) == tuple(shape):
-            # brain only, like the skull-stripped images the network saw
-            t1w, mask = nb.load(str(template.t1w)), nb.load(str(template.brain_mask))
-            brain = np.asanyarray(t1w.dataobj) * (np.asanyarray(mask.dataobj) > 0)
-            return nb.Nifti1Image(brain.astype(np.float32), t1w.affine), str(template.brain_mask)
-        LOG.warning("report: %s grid %s differs from the template's %s; no anatomical underlay",
-                    maps[0].name, shape, template.shape)
-    except (TemplateNotFoundError, ValueError) as err:
-        LOG.warning("report: no template underlay for %s (%s)", maps[0].name, err)
-    first = nb.load(str(maps[0]))
-    support = np.any([np.asanyarray(nb.load(str(m)).dataobj) > 0 for m in maps], axis=0)
-    return None, nb.Nifti1Image(support.astype(np.uint8), first.affine)
+    return bf.template_underlay(match.group("tpl"), match.group("res"), maps)
 
 
 TOP_SHARE = 0.1  # mean class maps: draw the most relevant 10 % of the brain voxels
@@ -324,7 +309,8 @@ def render_mode_section(mode_dir: Path, output_dir: Path) -> str:
              _learning_curves_section(layout, cv), _featurevis_section(layout)]
     if not oof.empty:
         parts.append(_confusion_section(oof, classes))
-    parts += [_explanation_section(layout.root), _regions_section(layout.root), _explain_method_sections(layout, classes)]
+    parts += [_explanation_section(layout.root), _regions_section(layout.root), _explain_method_sections(layout, classes),
+              counterfactual_section(layout)]
     if not oof.empty:
         parts.append(_participants_section(oof, output_dir))
     parts.append("</section>")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..evaluate.metrics import fraction_inside, fraction_per_tissue
 from . import brain_figures as bf
+from .counterfactual import counterfactual_maps, participant_section
 from .html import (
     Raw, escape, figure, heading, key_value_table, link, paragraph, probability_bar,
     relative_href, write_page,
@@ -50,6 +51,8 @@ class T1wOutputs:
     t1w_native: str | None = None  # raw T1w
     brain_mask_native: str | None = None
     dseg_native: str | None = None
+    # counterfactual simulator outputs (template space): direction -> {"T1w": ..., "logjacobian": ...}
+    counterfactuals: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def reference_mask(self) -> str:
@@ -255,6 +258,8 @@ def render_t1w_section(outputs: T1wOutputs, output_dir: str | os.PathLike) -> st
     for desc, path in outputs.explanations.items():
         method = read_sidecar(sidecar_of(path)).get("MethodName", desc)
         parts += [heading(3, f"Explanation: {method}"), _relevance(outputs, path, f"{method} map")]
+    if outputs.counterfactuals:
+        parts.append(participant_section(outputs.t1w, outputs.brain_mask, outputs.counterfactuals))
     if outputs.derivatives:
         items = "".join(f"<li>{link(relative_href(p, output_dir), Path(p).name)}</li>"
                         for p in sorted(set(outputs.derivatives)))
@@ -307,5 +312,6 @@ def discover_t1w_outputs(output_dir: str | os.PathLike, subject: str) -> list[T1
             predictions=str(predictions) if predictions else None,
             derivatives=[str(p) for p in sorted(t1w.parent.glob(f"{raw_stem}_*")) if p.suffix != ".json"],
             explanations=explanation_maps(str(t1w), t1w.parent.glob(f"{stem}_desc-*_heatmap.nii.gz")),
+            counterfactuals=counterfactual_maps(str(t1w), t1w.parent.glob(f"{stem}_desc-*.nii.gz")),
         ))
     return found

@@ -66,6 +66,22 @@ def init_inference_wf(*, model_dir, device, bids_dir, output_dir, template: str,
     return workflow
 
 
+def counterfactual_sink_name(direction: str, suffix: str, native: bool = False) -> str:
+    return f"ds_{direction}_{suffix}{'_native' if native else ''}"
+
+
+def counterfactual_sink_names(model_dir) -> tuple[str, ...]:
+    """Names of the counterfactual sinks (none when the bundle holds no simulator): the
+    participant report waits for them."""
+    from ..counterfactual.bundle import has_simulator
+    from ..interfaces.counterfactual import DIRECTIONS, KINDS
+
+    if not has_simulator(model_dir):
+        return ()
+    return tuple(counterfactual_sink_name(d, k) for d in DIRECTIONS for k in KINDS) + \
+        tuple(counterfactual_sink_name(d, "logjacobian", native=True) for d in DIRECTIONS)
+
+
 def _add_counterfactual(workflow, inputnode, *, model_dir, device, template, resolution, common: dict) -> None:
     """Simulated T1w, displacement and log-Jacobian (template space) per direction, and the
     log-Jacobian in native space; the probabilities before/after go into every sidecar."""
@@ -86,7 +102,7 @@ def _add_counterfactual(workflow, inputnode, *, model_dir, device, template, res
                    (None, dict(suffix="logjacobian"))]
         for field, entities in outputs:
             sink = pe.Node(DerivativesSink(desc=direction, extension=".nii.gz", **entities, **common),
-                           name=f"ds_{direction}_{entities['suffix']}{'' if field else '_native'}",
+                           name=counterfactual_sink_name(direction, entities["suffix"], native=not field),
                            run_without_submitting=True)
             source = (node, field) if field else (to_native, "output_image")
             workflow.connect([(source[0], sink, [(source[1], "in_file")]),

@@ -314,9 +314,10 @@ def init_anat_preproc_wf(*, t1w_file: str, template: TemplateFiles, bids_dir: st
     section = pe.Node(ReportSection(output_dir=output_dir), name="report_section", mem_gb=1.0)
     inference_sinks = ("ds_heatmap_template", "ds_heatmap_native", "ds_predictions") if model_dir else ()
     if model_dir:
-        from .inference import explanation_sink_names  # late: optional, heavy (torch)
+        from .inference import counterfactual_sink_names, explanation_sink_names  # late: optional, heavy (torch)
 
         inference_sinks += tuple(name for method in explain for name in explanation_sink_names(method))
+        inference_sinks += counterfactual_sink_names(model_dir)
     written = pe.Node(niu.Merge(len(sinks) + len(inference_sinks), ravel_inputs=True),
                       name="merge_derivatives", run_without_submitting=True)
     for index, ds in enumerate(sinks, start=1):
