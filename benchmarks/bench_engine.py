@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from grazbids.engine import Architecture, build_model, masked_relevance, zplus_heatmap
+from grazbids.engine import Architecture, allocator, build_model, masked_relevance, pointwise, zplus_heatmap
 from grazbids.engine.lrp import start_relevance
 
 GRID_2MM = (97, 115, 97)
@@ -189,6 +189,8 @@ def main(argv=None):
 
     steps = make_steps(model, x, mask, y, compile_fns=args.compile, naive=args.naive)
     results, first = timed_interleaved(steps, args.repeats, sync)
+    forward = pointwise.fused_step_forward  # did the default Graz+ step run compiled kernels?
+    fused_kind = "compiled" if forward.enabled and forward.compiled is not None and device.type == "cpu" else "eager"
     plain = min(results["plain"], results["plain_channels_last"])
     reference = "plain" if results["plain"] <= results["plain_channels_last"] else "plain_channels_last"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -198,11 +200,13 @@ def main(argv=None):
         print(f"load average before/after: {LOAD_BEFORE} / {os.getloadavg()[0]:.2f} (other jobs on this machine)")
     print(f"grid {GRID_2MM}, batch 2, Graz+ architecture; min of {args.repeats} interleaved repeats; "
           f"reference: {reference} (the fastest plain step)")
+    print(f"engine: elementwise kernels {fused_kind}, allocator keeps freed memory: {allocator.keep_freed_memory()}")
     for name, seconds in results.items():
         extra = f"   first call {first[name]:.1f} s (compilation)" if name.endswith("_compiled") else ""
         print(f"  {name:<20} {seconds:8.3f} s   {seconds / plain:5.2f}x fastest plain{extra}")
     summary = {
         "device": str(device),
+        "elementwise": fused_kind,
         "reference": reference,
         "plain_step_s": round(results["plain"], 4),
         "plain_channels_last_step_s": round(results["plain_channels_last"], 4),

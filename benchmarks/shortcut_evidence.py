@@ -57,6 +57,7 @@ VARIANTS = {  # name -> (mode, outside penalty)
     "grazplus": ("grazplus", "none"),
     "grazplus+invariance": ("grazplus", "invariance"),
     "grazplus+gradient": ("grazplus", "gradient"),
+    "grazplus+signed": ("grazplus", "signed"),
 }
 
 

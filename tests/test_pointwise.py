@@ -44,7 +44,7 @@ def test_compiled_step_equals_eager(compiled, n_masks):
     pz, v = _activations(k=n_masks)
     a_c, r_c, u_c = fwd(pz, v, n_masks)
     a_e, r_e, u_e = pointwise.step_forward_inplace(pz.clone(), v.clone(), n_masks)
-    assert fwd.compiled is not None, "compilation failed: the eager path ran"
+    assert fwd.enabled and fwd.compiled is not None, "compilation failed: the eager path ran"
     for got, want in [(a_c, a_e), (r_c, r_e), (u_c, u_e)]:
         assert torch.equal(got, want)
     assert (r_e == 0).any() and (r_e > 0).any()
@@ -54,7 +54,7 @@ def test_compiled_step_equals_eager(compiled, n_masks):
     g_u = torch.randn(u_e.shape, generator=g).contiguous(memory_format=CL)
     grads_c, g_v_c = bwd(g_a, g_u, u_e, a_e, r_e, n_masks)
     grads_e, g_v_e = pointwise.step_backward_inplace(g_a, g_u, u_e, a_e, r_e, n_masks)
-    assert bwd.compiled is not None
+    assert bwd.enabled and bwd.compiled is not None
     assert torch.equal(g_v_c, g_v_e)
     # the K masks' sum may be reduced in another order by the compiler
     torch.testing.assert_close(grads_c, grads_e, rtol=1e-6, atol=1e-6)
@@ -80,7 +80,7 @@ def test_compiled_graz_gradients_equal_eager(compiled):
     fwd, bwd = compiled
     got = gradients(fwd, bwd)
     want = gradients(pointwise.step_forward_inplace, pointwise.step_backward_inplace)
-    assert fwd.compiled is not None and bwd.compiled is not None
+    assert fwd.enabled and bwd.enabled and fwd.compiled is not None
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for g_c, g_e in zip(got[2], want[2]):
         assert torch.equal(g_c, g_e)

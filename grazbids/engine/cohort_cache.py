@@ -20,7 +20,6 @@ half-written cache under the final name.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .allocator import mmap_large_buffers
 
 FORMAT = "grazbids-cohort-cache"
 FORMAT_VERSION = 1
@@ -249,13 +250,11 @@ def _stack(samples):
 def _worker_init(_worker_id: int) -> None:
     """Large buffers straight from mmap in reader processes (glibc: M_MMAP_THRESHOLD = 1 MB).
 
-    Otherwise glibc raises its mmap threshold after the first freed sample buffer and
-    serves the next ones from the heap, which fragments: measured +4 MB resident per
-    batch per worker, without end. A fixed threshold keeps the workers flat."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    Otherwise glibc raises its mmap threshold after the first freed sample buffer (or, with
+    the engine's ``keep_freed_memory``, never uses mmap) and serves the next ones from the
+    heap, which fragments: measured +4 MB resident per batch per worker, without end. A
+    fixed threshold keeps the workers flat."""
+    mmap_large_buffers(1 << 20)
 
 
 def iterate_batches(data, batches: Iterable[np.ndarray], workers: int = 0, pin_memory: bool = False):

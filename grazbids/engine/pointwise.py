@@ -79,21 +79,24 @@ def step_backward_inplace(g_a_out, g_u_out, u_out, a_out, r, n_masks: int):
 
 class _CompiledOnCPU:
     """``functional`` through torch.compile for CPU tensors, ``eager`` otherwise and
-    after any compilation failure."""
+    after any compilation failure. Compiled on first use (importing the compiler costs
+    ~1 s and ~100 MB, which processes that never train should not pay)."""
 
     def __init__(self, functional, eager):
-        self.eager = eager
-        self.compiled = None if os.environ.get("GRAZBIDS_NO_COMPILE") else torch.compile(
-            functional, dynamic=True, options={"cpp.simdlen": 8})
+        self.functional, self.eager = functional, eager
+        self.enabled = not os.environ.get("GRAZBIDS_NO_COMPILE")
+        self.compiled = None
 
     def __call__(self, *tensors_and_k):
-        if self.compiled is not None and tensors_and_k[0].device.type == "cpu":
+        if self.enabled and tensors_and_k[0].device.type == "cpu":
             try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.functional, dynamic=True, options={"cpp.simdlen": 8})
                 return self.compiled(*tensors_and_k)
             except Exception as err:  # no compiler, unsupported platform, ...
-                LOG.debug("torch.compile of %s failed (%s); using eager ops", self.eager.__name__,
+                LOG.debug("torch.compile of %s failed (%s); using eager ops", self.functional.__name__,
                           str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
-                self.compiled = None
+                self.enabled, self.compiled = False, None
         return self.eager(*tensors_and_k)
 
 
