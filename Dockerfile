@@ -115,11 +115,15 @@ ARG IMAGE_TAG=grazbids:${GRAZBIDS_VERSION}
 ARG CONSTRAINTS_SHA256=""
 
 # A Debian base has no python3 yet; the venv below links to the base's interpreter.
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
-        && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin; \
+# g++ (and Python's headers, which python:3.11-slim has): torch.compile builds the engine's
+# fused CPU kernels with them (grazbids/engine/pointwise.py); without them the eager
+# kernels run, with the same results, more slowly.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ \
+    && if ! command -v python3 >/dev/null; then \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-dev; \
     fi \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && useradd --create-home --uid 1000 --user-group --shell /bin/bash grazbids
 
 COPY --from=builder /opt/venv /opt/venv

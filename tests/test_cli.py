@@ -189,8 +189,10 @@ def test_training_options_reach_the_engine_settings(tmp_path):
 
     assert set(TRAINING_OPTIONS) <= {f.name for f in fields(TrainSettings)}
     config = parse_args([str(tmp_path / "b"), str(tmp_path / "o"), "group", "--target-column", "dx",
-                         "--learning-rate", "1e-3", "--accumulation-steps", "1", "--relevance-weight", "2"])
-    assert config.training_options == {"learning_rate": 1e-3, "accumulation_steps": 1, "relevance_weight": 2.0}
+                         "--learning-rate", "1e-3", "--accumulation-steps", "1", "--relevance-weight", "2",
+                         "--warmup-epochs", "3"])
+    assert config.training_options == {"learning_rate": 1e-3, "accumulation_steps": 1, "relevance_weight": 2.0,
+                                       "warmup_epochs": 3}
 
 
 def test_resources_and_modes(tmp_path):

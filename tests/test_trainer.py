@@ -202,3 +202,26 @@ def test_training_stops_with_a_warning_when_the_network_dies(monkeypatch, caplog
 def test_a_healthy_network_is_not_reported_dead():
     result = Trainer(ARCH, _settings(epochs=2)).fit(_data(), np.arange(16), np.arange(16, 24))
     assert result.collapsed_epoch is None and len(result.history) == 2
+
+
+def test_warmup_scales_the_learning_rate_per_epoch_and_resumes(tmp_path):
+    from grazbids.engine.trainer import warmup_learning_rate
+
+    assert [warmup_learning_rate(1e-3, 4, e) for e in range(1, 6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert warmup_learning_rate(1e-3, 0, 1) == 1e-3
+    # checkpoints written before the option still resume; a warm-up is another run
+    index = np.arange(4)
+    assert _settings().fingerprint(index) == _settings(warmup_epochs=0).fingerprint(index)
+    assert _settings().fingerprint(index) != _settings(warmup_epochs=2).fingerprint(index)
+    data = _data()
+    train, val = np.arange(16), np.arange(16, 24)
+    # epoch 1 of a 2-epoch warm-up trains exactly as a run at half the learning rate
+    warm = Trainer(ARCH, _settings(epochs=1, warmup_epochs=2)).fit(data, train, val)
+    half = Trainer(ARCH, _settings(epochs=1, learning_rate=5e-4)).fit(data, train, val)
+    for k, v in _weights(half.model).items():
+        assert torch.equal(v, warm.model.state_dict()[k]), k
+    # and an interrupted warm-up resumes to the uninterrupted result
+    full = Trainer(ARCH, _settings(epochs=3, warmup_epochs=2), tmp_path / "full").fit(data, train, val)
+    Trainer(ARCH, _settings(epochs=1, warmup_epochs=2), tmp_path / "resumed").fit(data, train, val)
+    resumed = Trainer(ARCH, _settings(epochs=3, warmup_epochs=2), tmp_path / "resumed").fit(data, train, val)
+    _assert_same_run(resumed, full)

@@ -82,7 +82,7 @@ def _cv_folds(text: str) -> int:
 
 
 # command-line options passed on to grazbids.engine.TrainSettings (same names)
-TRAINING_OPTIONS = ("learning_rate", "batch_size", "accumulation_steps", "relevance_weight", "guidance_loss",
+TRAINING_OPTIONS = ("learning_rate", "warmup_epochs", "batch_size", "accumulation_steps", "relevance_weight", "guidance_loss",
                     "guidance_power", "outside_penalty", "outside_penalty_weight")
 
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="group level: training epochs per fold (default: %(default)s, as Graz+)")
     dl.add_argument("--learning-rate", type=_positive_float, default=None, metavar="LR",
                     help="group level: Adam learning rate (default: 1e-4, as Graz+)")
+    dl.add_argument("--warmup-epochs", type=_positive_int, default=None, metavar="N",
+                    help="group level: linear learning-rate warm-up, epoch e <= N trains at LR * e / N "
+                         "(default: none)")
     dl.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                     help="group level: volumes per forward pass (default: 2)")
     dl.add_argument("--accumulation-steps", type=_positive_int, default=None, metavar="N",

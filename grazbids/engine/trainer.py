@@ -49,6 +49,7 @@ class TrainSettings:
     batch_size: int = 2
     accumulation_steps: int = 4  # effective batch = batch_size * accumulation_steps
     learning_rate: float = 1e-4
+    warmup_epochs: int = 0  # linear warm-up: epoch e <= W trains at learning_rate * e / W
     relevance_weight: float = 1.0
     guidance_loss: str = "additive"  # relevance term: Graz+ "additive" or Šefčík's "ratio" (CE / M^p)
     guidance_power: float = 1.0  # p of the ratio loss
@@ -67,8 +68,17 @@ class TrainSettings:
                 if k not in ("epochs", "progress", "device", "compile", "data_workers")}
         if keys["outside_penalty"] == "none":  # checkpoints written before the option still resume
             del keys["outside_penalty"], keys["outside_penalty_weight"]
+        if keys["warmup_epochs"] == 0:  # likewise
+            del keys["warmup_epochs"]
         keys["train_index"] = np.asarray(train_index).tolist()
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warmup_learning_rate(learning_rate: float, warmup_epochs: int, epoch: int) -> float:
+    """Learning rate of ``epoch`` (1-based) under a linear warm-up over ``warmup_epochs``."""
+    if warmup_epochs <= 0:
+        return learning_rate
+    return learning_rate * min(1.0, epoch / warmup_epochs)
 
 
 @dataclass
@@ -320,6 +330,8 @@ class Trainer:
 
         for epoch in range(start, s.epochs + 1):
             desc = f"{self.name} epoch {epoch}/{s.epochs}"
+            for group in optimiser.param_groups:  # a function of the epoch alone: resumes exactly
+                group["lr"] = warmup_learning_rate(s.learning_rate, s.warmup_epochs, epoch)
             train = self._run_epoch(model, runner, optimiser, data, _epoch_order(train_index, s.seed, epoch), weights, True, desc)
             row = {"epoch": epoch, **{f"train_{k}": train[k] for k in ("loss", "ce", "relevance_inside", "balanced_accuracy")}}
             if val_index is not None:

@@ -288,7 +288,8 @@ def model_card(settings: GroupSettings, mode: str, cohort: Cohort, arch: Archite
             "preprocessing": "grazbids participant level (antspyx registration to the template)",
         },
         "training": {
-            "optimizer": "Adam", "learning_rate": final.learning_rate, "epochs": final.epochs,
+            "optimizer": "Adam", "learning_rate": final.learning_rate, "warmup_epochs": final.warmup_epochs,
+            "epochs": final.epochs,
             "batch_size": final.batch_size, "accumulation_steps": final.accumulation_steps,
             "relevance_weight": final.relevance_weight, "class_weights": "inverse frequency",
             "guidance_loss": final.guidance_loss, "guidance_power": final.guidance_power,
