@@ -22,6 +22,10 @@ FILLS = ("zero", "mean")
 # A mode whose held-out decisions flip this often when the outside of the brain is replaced
 # relies on what lies outside the brain (docs/usage.md, "Decision dependence").
 FLIP_RATE_WARNING = 0.10
+# advice with the near-chance warning, measured by benchmarks/training_recipe.py
+# (docs/simulation.md, "Training recipe")
+NEAR_CHANCE_ADVICE = ("On small cohorts with a short CPU budget, --learning-rate 1e-3 --accumulation-steps 1 "
+                      "learned where the default 1e-4 did not (docs/simulation.md, Training recipe).")
 
 
 def replace_region(x: torch.Tensor, region: torch.Tensor, fill: torch.Tensor | float) -> torch.Tensor:

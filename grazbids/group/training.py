@@ -29,7 +29,7 @@ from ..engine.inference import MEAN_IMAGE_NAME, zplus_map
 from ..engine.trainer import distributed_rank_and_size
 from ..evaluate.atlas import Atlas, AtlasError, load_atlas
 from ..explain import explain as explain_map
-from ..explain.dependence import FLIP_RATE_WARNING
+from ..explain.dependence import FLIP_RATE_WARNING, NEAR_CHANCE_ADVICE
 from ..explain.targets import method_desc, resolve_target
 from ..utils.atomic import atomic_path, write_json, write_text, write_tsv
 from .dependence import fold_dependence, flip_rates
@@ -232,8 +232,8 @@ def warn_about_dependence(mode: str, summary: dict) -> None:
     chance = summary.get("chance")
     if chance and chance["near_chance"]:
         LOG.warning("mode %s: pooled out-of-fold balanced accuracy %.2f is not distinguishable from chance "
-                    "(binomial p = %.2f): the model may not have learned the target", mode,
-                    summary["pooled_oof_balanced_accuracy"], chance["p_value"])
+                    "(binomial p = %.2f): the model may not have learned the target. %s", mode,
+                    summary["pooled_oof_balanced_accuracy"], chance["p_value"], NEAR_CHANCE_ADVICE)
 
 
 def _save_nifti(path: Path, data: np.ndarray, affine) -> None:

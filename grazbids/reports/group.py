@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..explain.dependence import FLIP_RATE_WARNING
+from ..explain.dependence import FLIP_RATE_WARNING, NEAR_CHANCE_ADVICE
 from ..group.layout import MEAN_MAP, GroupLayout, ModeLayout, safe_label
 from . import brain_figures as bf
 from . import charts
@@ -272,8 +272,8 @@ def _warnings(mode: str, summary: dict) -> list[str]:
         out.append(paragraph(
             f"Warning: the pooled out-of-fold balanced accuracy of mode {mode} "
             f"({format_value(summary.get('pooled_oof_balanced_accuracy'))}) is not distinguishable from chance "
-            f"(binomial p = {chance['p_value']:.2f}); its maps explain a model that may not have learned the target.",
-            "warn"))
+            f"(binomial p = {chance['p_value']:.2f}); its maps explain a model that may not have learned the target. "
+            f"{NEAR_CHANCE_ADVICE}", "warn"))
     return out
 
 
