@@ -10,6 +10,8 @@ import torch
 
 from .bundle import ModelBundleError, load_bundle
 from .device import resolve_device
+from .lrp import zplus_heatmap
+from .model import GrazPlusNet
 from .modes import model_input
 from .normalize import IntensityNormalisation
 
@@ -61,7 +63,12 @@ def zplus_map(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The z+ map from the softmax vector (grazbids.explain, which uses the engine's fused
     sweep for the Graz+ network) and the logits."""
     from ..explain import explain  # late: grazbids.explain builds on the engine
+    from ..explain.model_state import evaluation_mode
 
+    if isinstance(model, GrazPlusNet):  # the fused sweep gives the logits too: no second forward
+        with evaluation_mode(model), torch.no_grad():
+            relevance, logits = zplus_heatmap(model, x, "softmax")
+        return relevance, logits
     with torch.no_grad():
         logits = model(x)
     return explain(model, x, "zplus", target="softmax"), logits
