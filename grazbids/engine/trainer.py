@@ -170,33 +170,23 @@ class Trainer:
         save_checkpoint(self._checkpoint_path(), model, optimiser, header)
 
     def _load_checkpoint(self, model, optimiser, fingerprint: str) -> dict | None:
-        path = self._checkpoint_path()
-        if path is None:
-            return None
-        for candidate in (path, _previous(path)):
-            if not candidate.exists():
-                continue
-            try:
-                header, tensors = _read_checkpoint(candidate)
-            except CheckpointError as err:
-                _discard(candidate, f"{self.name}: checkpoint {err}")
-                continue
-            if header.get("fingerprint") != fingerprint:
-                LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", self.name, candidate)
-                return None
-            selected = self._find_selected(header.get("best"))
-            if selected is False:
+        """``load_checkpoint``, accepting a checkpoint only with the selected-epoch weights
+        it refers to."""
+        found = {}
+
+        def has_selected(header: dict, candidate: Path) -> bool:
+            found["selected"] = self._find_selected(header.get("best"))
+            if found["selected"] is False:
                 LOG.warning("%s: the selected-epoch weights that checkpoint %s refers to (epoch %s) are missing or "
                             "damaged; not resuming from it", self.name, candidate, header["best"]["epoch"])
-                continue
-            _restore(model, optimiser, header, tensors)
-            self._selected = selected
-            LOG.info("%s: resuming after epoch %d of %d from %s", self.name, header["epoch"],
-                        self.settings.epochs, candidate)
-            return header
-        if path.exists() or _previous(path).exists():
-            LOG.warning("%s: no usable checkpoint in %s; training starts from epoch 1", self.name, path.parent)
-        return None
+                return False
+            return True
+
+        header = load_checkpoint(self._checkpoint_path(), model, optimiser, fingerprint, self.name, has_selected,
+                                 total_epochs=self.settings.epochs)
+        if header is not None:
+            self._selected = found["selected"]
+        return header
 
     def _find_selected(self, best: dict | None):
         """The selected-epoch tensors a checkpoint refers to; None without a validation set,
@@ -467,9 +457,11 @@ def _restore(model, optimiser, header: dict, tensors: dict) -> None:
     optimiser.load_state_dict({"state": state, "param_groups": header["param_groups"]})
 
 
-def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train") -> dict | None:
-    """Restore model and optimiser from ``path`` (or its previous version when it is damaged)
-    when the fingerprint matches; the header, else None."""
+def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name: str = "train",
+                    accept=None, total_epochs: int | None = None) -> dict | None:
+    """Restore model and optimiser from ``path`` (or its previous version when it is damaged
+    or ``accept(header, candidate)`` refuses it) when the fingerprint matches; the header,
+    else None."""
     if path is None:
         return None
     for candidate in (path, _previous(path)):
@@ -483,9 +475,14 @@ def load_checkpoint(path: Path | None, model, optimiser, fingerprint: str, name:
         if header.get("fingerprint") != fingerprint:
             LOG.warning("%s: checkpoint %s was made with other settings; starting afresh", name, candidate)
             return None
+        if accept is not None and not accept(header, candidate):
+            continue
         _restore(model, optimiser, header, tensors)
-        LOG.info("%s: resuming after epoch %d from %s", name, header["epoch"], candidate)
+        of_total = f" of {total_epochs}" if total_epochs else ""
+        LOG.info("%s: resuming after epoch %d%s from %s", name, header["epoch"], of_total, candidate)
         return header
+    if path.exists() or _previous(path).exists():
+        LOG.warning("%s: no usable checkpoint in %s; training starts from epoch 1", name, path.parent)
     return None
 
 
