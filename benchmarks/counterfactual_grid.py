@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nb
 import numpy as np
 import torch
 
@@ -32,42 +31,22 @@ sys.path.insert(0, str(REPO))
 
 from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
-from grazbids.engine import Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings  # noqa: E402
-from grazbids.simulate.anatomy import template_source  # noqa: E402
-from grazbids.simulate.cohort import plan_cohort  # noqa: E402
-from grazbids.simulate.config import SimulationConfig  # noqa: E402
+from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
 from grazbids.simulate.deformation import Grid  # noqa: E402
 from grazbids.simulate.effects import AtrophyEffect  # noqa: E402
-from grazbids.simulate.participant import simulate_participant  # noqa: E402
 from grazbids.simulate.regions import REGIONS  # noqa: E402
-from grazbids.templates import get_template  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shortcut_evidence import simulate, simulation_config  # noqa: E402
 
 
-def simulate_atrophy(seed: int, n_train: int, n_test: int, voxel: float, strength: float | None):
-    config = SimulationConfig(n_train=n_train, n_test=n_test, seed=seed, effect="atrophy", shortcut="none",
-                              voxel_size=voxel, max_rotation_deg=0.0, max_translation_mm=0.0,
-                              effect_strength=strength)
-    config.validate()
-    template = get_template(resolution=2)
-    template_img = nb.load(template.brain_mask)
-    template_grid = Grid(template_img.shape, template_img.affine)
-    template_brain = np.asarray(template_img.dataobj) > 0
-    grid = Grid.centred(config.fov_mm, voxel)
-    source = template_source(template, voxel)
-    norm = IntensityNormalisation()
-    images, brains, labels, splits = [], [], [], []
-    for plan in plan_cohort(config, ["template"]):
-        scan = simulate_participant(plan, source, config, grid, template_grid, template_brain)
-        brain = scan.brain.astype(np.float32)
-        images.append(norm.apply(scan.t1w, brain))
-        brains.append(brain)
-        labels.append(int(plan.diagnosis == "patient"))
-        splits.append(plan.split)
+def true_log_volume_change(config) -> np.ndarray:
+    """log(volume in the patient / healthy) of the atrophy effect at the grid's points."""
+    grid = Grid.centred(config.fov_mm, config.voxel_size)
     ijk = np.indices(grid.shape).reshape(3, -1)
     points = grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]
     effect = AtrophyEffect.from_regions([REGIONS[r] for r in config.regions], config.strength)
-    truth = -effect.log_jacobian(points).reshape(grid.shape)  # log(volume in the patient / healthy)
-    return np.stack(images), np.stack(brains), np.asarray(labels), np.asarray(splits), truth
+    return -effect.log_jacobian(points).reshape(grid.shape)
 
 
 def main() -> None:
@@ -89,11 +68,13 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
-    images, brains, labels, splits, truth = simulate_atrophy(args.seed, args.n_train, args.n_test, args.voxel_size,
-                                                             args.effect_strength)
-    x, m = torch.from_numpy(images[:, None]), torch.from_numpy(brains[:, None])
-    y = torch.from_numpy(labels).long()
-    train, test = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "test")
+    cohort_args = ("none", args.seed, args.n_train, args.n_test, args.voxel_size, "atrophy", args.effect_strength)
+    cohort = simulate(*cohort_args)
+    truth = true_log_volume_change(simulation_config(*cohort_args))
+    brains = cohort["brain"]
+    x, m = torch.from_numpy(cohort["image"][:, None]), torch.from_numpy(brains[:, None])
+    y = torch.from_numpy(cohort["label"]).long()
+    train, test = np.flatnonzero(cohort["split"] == "train"), np.flatnonzero(cohort["split"] == "test")
     grid = tuple(x.shape[2:])
     started = time.perf_counter()
     settings = TrainSettings(mode="plain", epochs=args.epochs, batch_size=2, accumulation_steps=1,

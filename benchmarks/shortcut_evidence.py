@@ -61,11 +61,18 @@ VARIANTS = {  # name -> (mode, outside penalty)
 }
 
 
-def simulate(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float) -> dict:
+def simulation_config(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float, effect: str = "lesion",
+                      effect_strength: float | None = None) -> SimulationConfig:
+    """The cohort of the benchmarks: identity head pose, on a common grid."""
+    return SimulationConfig(n_train=n_train, n_test=n_test, seed=seed, effect=effect, shortcut=shortcut,
+                            effect_strength=effect_strength, voxel_size=voxel, max_rotation_deg=0.0,
+                            max_translation_mm=0.0, background="noise" if shortcut == "padding" else "zero")
+
+
+def simulate(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float, effect: str = "lesion",
+             effect_strength: float | None = None) -> dict:
     """Images, brain/shortcut masks, labels, confound flags and splits on one grid."""
-    config = SimulationConfig(n_train=n_train, n_test=n_test, seed=seed, effect="lesion", shortcut=shortcut,
-                              voxel_size=voxel, max_rotation_deg=0.0, max_translation_mm=0.0,
-                              background="noise" if shortcut == "padding" else "zero")
+    config = simulation_config(shortcut, seed, n_train, n_test, voxel, effect, effect_strength)
     config.validate()
     template = get_template(resolution=2)
     template_img = nb.load(template.brain_mask)
