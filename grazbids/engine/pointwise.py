@@ -50,11 +50,19 @@ def step_backward(g_a_out, g_u_out, u_out, a_out, r, n_masks: int):
     return torch.cat([g_p, t * r], dim=1), _per_mask(g_u_out, r, n_masks)
 
 
+def ratio_into_(out: torch.Tensor, a_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """r = a' / z written into ``out``, 0 where z == 0 (there a' == 0 too, and 0/0 -> 0).
+
+    In place, because on CPU a fresh full-resolution tensor costs page faults that take
+    longer than the division itself."""
+    return torch.div(a_out, z, out=out).nan_to_num_(nan=0.0)
+
+
 def step_forward_inplace(pz: torch.Tensor, v: torch.Tensor, n_masks: int):
     """``step_forward`` writing r into P's half of ``pz`` and u' into ``v``."""
     p, z = pz.chunk(2, dim=1)
     a_out = torch.relu(p)
-    r = torch.div(a_out, z, out=p).nan_to_num_(nan=0.0)  # P is not needed any more
+    r = ratio_into_(p, a_out, z)  # P is not needed any more
     if n_masks == 1:
         return a_out, r, v.mul_(r)
     v.unflatten(0, (-1, n_masks)).mul_(r.unsqueeze(1))

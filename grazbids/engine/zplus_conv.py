@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pointwise import fused_step_backward, fused_step_forward
+from .pointwise import fused_step_backward, fused_step_forward, ratio_into_
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -51,14 +51,6 @@ def stacked_weights(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Ten
     """(W+, [W; W+] channels-last, [b; 0]): one convolution gives P and Z."""
     wp = weight.clamp(min=0)
     return wp, to_channels_last(torch.cat([weight, wp])), torch.cat([bias, torch.zeros_like(bias)])
-
-
-def ratio_into_(out: torch.Tensor, a_out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """r = a' / z written into ``out``, 0 where z == 0 (there a' == 0 too, and 0/0 -> 0).
-
-    In place, because on CPU a fresh full-resolution tensor costs page faults that take
-    longer than the division itself."""
-    return torch.div(a_out, z, out=out).nan_to_num_(nan=0.0)
 
 
 def forward_pair(layer: nn.Conv3d, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
