@@ -71,7 +71,7 @@ def simulation_config(shortcut: str, seed: int, n_train: int, n_test: int, voxel
 
 def simulate(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float, effect: str = "lesion",
              effect_strength: float | None = None) -> dict:
-    """Images, brain/shortcut masks, labels, confound flags and splits on one grid."""
+    """Images, brain/shortcut/effect masks, labels, confound flags and splits on one grid."""
     config = simulation_config(shortcut, seed, n_train, n_test, voxel, effect, effect_strength)
     config.validate()
     template = get_template(resolution=2)
@@ -81,17 +81,18 @@ def simulate(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float, 
     grid = Grid.centred(config.fov_mm, voxel)
     source = template_source(template, voxel)
     norm = IntensityNormalisation()
-    out = {k: [] for k in ("image", "brain", "shortcut", "label", "confound", "split")}
+    out = {k: [] for k in ("image", "brain", "shortcut", "effect", "label", "confound", "split")}
     for plan in plan_cohort(config, ["template"]):
         scan = simulate_participant(plan, source, config, grid, template_grid, template_brain)
         brain = scan.brain.astype(np.float32)
         out["image"].append(norm.apply(scan.t1w, brain))
         out["brain"].append(brain)
         out["shortcut"].append(scan.shortcut_native.astype(np.float32))
+        out["effect"].append(scan.effect_native)
         out["label"].append(int(plan.diagnosis == "patient"))
         out["confound"].append(plan.shortcut)
         out["split"].append(plan.split)
-    return {k: np.stack(v) if k in ("image", "brain", "shortcut") else np.asarray(v) for k, v in out.items()}
+    return {k: np.stack(v) if k in ("image", "brain", "shortcut", "effect") else np.asarray(v) for k, v in out.items()}
 
 
 def evaluate(model, cohort: dict, test: np.ndarray, train: np.ndarray, mode: str) -> dict:

@@ -213,6 +213,26 @@ def test_gradients_reach_the_simulator_and_never_change_the_classifier(trained_c
     assert len(fit.history) == 1 and np.isfinite(fit.history[0]["loss"])
 
 
+def test_a_held_outline_keeps_the_field_zero_outside_and_at_the_brain_edge():
+    torch.manual_seed(0)
+    brain = torch.zeros(1, 1, 16, 16, 16)
+    brain[..., 3:13, 3:13, 3:13] = 1
+    arch = SimulatorArchitecture((16, 16, 16), channels=(4, 8), n_experts=2, field_downsample=1, hold_outline_voxels=2)
+    sim = ConditionalUNet(arch)
+    torch.nn.init.normal_(sim.head.weight, std=0.1)  # a large field everywhere before the weighting
+    u = sim(torch.rand(1, 1, 16, 16, 16) * brain, torch.tensor([1.0]), brain)
+    size = u.norm(dim=1)[0]
+    size = size.detach()
+    assert float(size[brain[0, 0] == 0].abs().max()) == 0.0  # outside the brain
+    assert float(size[3, 3:13, 3:13].max()) == 0.0 and float(size[8, 8, 3]) == 0.0  # its outermost layer
+    assert float(size[8, 8, 8]) > 1e-3  # deep inside it moves
+    with pytest.raises(ValueError, match="needs the brain mask"):
+        sim(torch.rand(1, 1, 16, 16, 16), torch.tensor([1.0]))
+    # off by default, and then absent from the card: earlier fingerprints and bundles stay valid
+    assert "hold_outline_voxels" not in _arch().to_dict()
+    assert SimulatorArchitecture.from_dict(arch.to_dict()) == arch
+
+
 @pytest.mark.slow
 def test_training_shifts_the_decision_and_resumes_identically(trained_classifier, tmp_path):
     model, images, masks, labels = trained_classifier

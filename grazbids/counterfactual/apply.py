@@ -40,7 +40,7 @@ def counterfactuals(classifier, simulator, x: torch.Tensor, mask: torch.Tensor, 
     results = {}
     for name in directions:
         c = torch.tensor([DIRECTIONS[name]], device=x.device)
-        u = simulator(x, c)
+        u = simulator(x, c, mask)
         logits_after = classifier(warp(x, u))
         shown = warp(display if display is not None else x, u)
         det = jacobian_determinant(u)

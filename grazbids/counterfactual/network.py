@@ -28,18 +28,25 @@ class SimulatorArchitecture:
     diffeomorphic: bool = False
     integration_steps: int = 7
     name: str = "conditional-unet"
+    # > 0: the field fades to zero within this many voxels (of the U-Net's grid) inside the
+    # brain's outline, so the warp cannot move the brain against its background (measured:
+    # without it the simulator flipped decisions by moving the outline; docs/counterfactual.md)
+    hold_outline_voxels: int = 0
 
     def check(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise ValueError(f"input_shape must be three positive sizes, got {self.input_shape}")
         if not self.channels or min(self.channels) < 1:
             raise ValueError(f"channels must be positive, got {self.channels}")
-        if self.field_downsample < 1 or self.n_experts < 1 or self.integration_steps < 0:
-            raise ValueError("field_downsample and n_experts must be >= 1, integration_steps >= 0")
+        if self.field_downsample < 1 or self.n_experts < 1 or self.integration_steps < 0 or self.hold_outline_voxels < 0:
+            raise ValueError("field_downsample and n_experts must be >= 1, integration_steps and "
+                             "hold_outline_voxels >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"], d["channels"] = list(self.input_shape), list(self.channels)
+        if not self.hold_outline_voxels:  # cards and checkpoint fingerprints of earlier versions stay valid
+            del d["hold_outline_voxels"]
         return d
 
     @classmethod
@@ -92,13 +99,27 @@ class ConditionalUNet(nn.Module):
         out = self.head(y)
         return out[:, :, :shape[0], :shape[1], :shape[2]]
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Displacement field (B, 3, D, H, W) in voxels of x; c: (B,) of +1/-1."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
+        """Displacement field (B, 3, D, H, W) in voxels of x; c: (B,) of +1/-1; ``brain``
+        (B, 1, D, H, W) the brain masks, needed with ``hold_outline_voxels``."""
         factor = self.arch.field_downsample
         small = F.avg_pool3d(x, factor, ceil_mode=True) if factor > 1 else x
         field = self._unet(small, c)
+        if self.arch.hold_outline_voxels:
+            if brain is None:
+                raise ValueError("this simulator holds the brain outline: it needs the brain mask")
+            brain = F.avg_pool3d(brain.to(x.dtype), factor, ceil_mode=True) if factor > 1 else brain.to(x.dtype)
+            field = field * interior_weight(brain, self.arch.hold_outline_voxels)
         if self.arch.diffeomorphic:
             field = integrate_velocity(field, self.arch.integration_steps)
         if factor > 1:  # displacements are in voxels: scale them with the grid
             field = F.interpolate(field, size=x.shape[2:], mode="trilinear", align_corners=True) * factor
         return field
+
+
+def interior_weight(brain: torch.Tensor, margin: int) -> torch.Tensor:
+    """1 deep inside the mask, falling to 0 over ``margin`` voxels, exactly 0 on the mask's
+    outermost voxel layer and outside: the mask eroded by ``margin`` voxels, then
+    box-smoothed over ``margin - 1`` voxels either side."""
+    eroded = -F.max_pool3d(-(brain > 0.5).to(brain.dtype), 2 * margin + 1, stride=1, padding=margin)
+    return F.avg_pool3d(eroded, 2 * margin - 1, stride=1, padding=margin - 1, count_include_pad=True)
