@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
+from grazbids.counterfactual.warp import warp  # noqa: E402
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
 from grazbids.evaluate.metrics import roc_auc  # noqa: E402
 from grazbids.explain import explain  # noqa: E402
@@ -75,6 +76,9 @@ def main() -> None:
     p.add_argument("--smoothness-weight", type=float, default=1.0)
     p.add_argument("--cycle-weight", type=float, default=1.0)
     p.add_argument("--diffeomorphic", action="store_true")
+    p.add_argument("--augment-copies", type=int, default=0, metavar="N",
+                   help="train the classifier on N randomly warped copies of each training image besides it")
+    p.add_argument("--augment-voxels", type=float, default=1.5, help="their displacement scale (voxels, s.d.)")
     p.add_argument("--hold-outline", type=int, default=0, metavar="VOXELS",
                    help="the field fades to 0 within VOXELS inside the brain's outline (0: off)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cf_grid"))
@@ -93,8 +97,15 @@ def main() -> None:
     started = time.perf_counter()
     settings = TrainSettings(mode="plain", epochs=args.epochs, batch_size=2, accumulation_steps=1,
                              learning_rate=args.learning_rate, seed=args.seed, device="cpu", progress=False)
-    classifier = Trainer(Architecture(grid), settings, args.work / "classifier").fit(
-        TrainingData(x, m, y, 2), train).model.eval()
+    x_fit, m_fit, y_fit, fit_index, name = x, m, y, train, "classifier"
+    if args.augment_copies:  # randomly warped copies of the training images, same labels
+        x_aug, m_aug = elastic_copies(x[train], m[train], args.augment_copies, args.augment_voxels, args.seed)
+        x_fit, m_fit = torch.cat([x[train], x_aug]), torch.cat([m[train], m_aug])
+        y_fit = torch.cat([y[train]] * (1 + args.augment_copies))
+        fit_index = np.arange(len(y_fit))
+        name = f"classifier_aug{args.augment_copies}_{args.augment_voxels:g}"
+    classifier = Trainer(Architecture(grid), settings, args.work / name).fit(
+        TrainingData(x_fit, m_fit, y_fit, 2), fit_index).model.eval()
     with torch.no_grad():
         predicted = classifier(x).argmax(1)
     accuracy = float((predicted[test] == y[test]).float().mean())
@@ -106,7 +117,7 @@ def main() -> None:
     sim_settings = SimulatorSettings(epochs=args.sim_epochs, batch_size=2, learning_rate=args.sim_learning_rate,
                                      margin=args.margin, smoothness_weight=args.smoothness_weight,
                                      cycle_weight=args.cycle_weight, device="cpu", progress=False)
-    tag = f"m{args.margin:g}_s{args.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}" + \
+    tag = (f"aug{args.augment_copies}_{args.augment_voxels:g}_" if args.augment_copies else "") + f"m{args.margin:g}_s{args.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}" + \
         ("_diffeo" if args.diffeomorphic else "") + (f"_hold{args.hold_outline}" if args.hold_outline else "")
     fit = SimulatorTrainer(arch, sim_settings, args.work / f"simulator_{tag}").fit(
         classifier, x[train], m[train], y[train], 1, "grid")
@@ -154,6 +165,21 @@ def main() -> None:
     if args.figure and inject_controls:
         save_figure(args.figure, np.mean(inject_controls, axis=0), truth, brain, summary)
     print(json.dumps(summary), flush=True)
+
+
+def elastic_copies(x: torch.Tensor, m: torch.Tensor, copies: int, voxels: float, seed: int):
+    """``copies`` warps of each image and mask by smooth random fields: Gaussian
+    displacements (s.d. ``voxels``) on a grid 8x coarser, upsampled trilinearly."""
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = x.shape[2:]
+    coarse = [max(2, s // 8) for s in shape]
+    images, masks = [], []
+    for _ in range(copies):
+        u = torch.randn(len(x), 3, *coarse, generator=g) * voxels
+        u = torch.nn.functional.interpolate(u, size=shape, mode="trilinear", align_corners=True)
+        images.append(warp(x, u))
+        masks.append((warp(m, u) > 0.5).to(m.dtype))
+    return torch.cat(images), torch.cat(masks)
 
 
 def save_figure(path: Path, mean_map: np.ndarray, truth: np.ndarray, brain: np.ndarray, summary: dict) -> None:
