@@ -42,13 +42,12 @@ from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, Si
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
 from grazbids.counterfactual.warp import warp  # noqa: E402
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
-from grazbids.evaluate.metrics import roc_auc  # noqa: E402
-from grazbids.explain import explain  # noqa: E402
 from grazbids.simulate.deformation import Grid  # noqa: E402
 from grazbids.simulate.effects import AtrophyEffect  # noqa: E402
 from grazbids.simulate.regions import REGIONS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from counterfactual_ground_truth import effect_detection_aucs  # noqa: E402
 from shortcut_evidence import simulate, simulation_config  # noqa: E402
 
 
@@ -143,11 +142,9 @@ def main() -> None:
             if i in test_set:
                 inject_test_controls.append(result.log_jacobian)
         if correct and y[i] == 1 and i in test_set:  # detection of the patient's own effect
-            effect = cohort["effect"][i]
-            aucs["counterfactual"].append(roc_auc(np.abs(result.log_jacobian), effect, brain))
-            for method, target in (("zplus", "softmax"), ("gradcam", "predicted")):
-                heat = explain(classifier, x[i:i + 1], method, target=target)[0, 0].detach().numpy()
-                aucs[method].append(roc_auc(np.clip(heat, 0, None), effect, brain))
+            detected = effect_detection_aucs(classifier, x[i:i + 1], result.log_jacobian, cohort["effect"][i], brain)
+            for method, value in detected.items():
+                aucs[method].append(value)
 
     def pearson(maps):  # nan without a correctly classified control
         return float(np.corrcoef(np.mean(maps, axis=0)[brain], truth[brain])[0, 1]) if maps else float("nan")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,11 +110,24 @@ def main(argv=None) -> int:
     return evaluate(args, sim, out, cf, bundle, rows, train, test)
 
 
+def effect_detection_aucs(classifier, x, log_jacobian: np.ndarray, effect: np.ndarray, brain: np.ndarray) -> dict:
+    """Voxel ROC-AUC, inside ``brain``, against one patient's true effect mask: of the
+    counterfactual's |log-Jacobian| and of the z+ LRP and Grad-CAM maps (positive part) of
+    the same classifier for the same input ``x`` (1, 1, D, H, W)."""
+    from grazbids.evaluate.metrics import roc_auc
+    from grazbids.explain import explain
+
+    aucs = {"counterfactual": roc_auc(np.abs(log_jacobian), effect, brain)}
+    for method, target in (("zplus", "softmax"), ("gradcam", "predicted")):
+        heat = explain(classifier, x, method, target=target)[0, 0].detach().numpy()
+        aucs[method] = roc_auc(np.clip(heat, 0, None), effect, brain)
+    return aucs
+
+
 def evaluate(args, sim, out, cf, bundle, rows, train, test) -> int:
     import torch
 
     from grazbids.engine import load_bundle
-    from grazbids.explain import explain
     from grazbids.engine.inference import input_tensor as model_input, load_input
     from grazbids.evaluate.metrics import roc_auc
     from grazbids.templates import get_template
@@ -162,13 +174,11 @@ def evaluate(args, sim, out, cf, bundle, rows, train, test) -> int:
             continue
         effect = sim / "derivatives" / "simulation" / f"sub-{k}" / "anat" / f"sub-{k}_{SPACE}_desc-effect_mask.nii.gz"
         target = np.asanyarray(nb.load(str(effect)).dataobj) > 0.5
-        aucs["counterfactual"].append(roc_auc(np.abs(logjac(k, "remove")), target, brain))
         t1w = out / f"sub-{k}" / "anat" / f"sub-{k}_{SPACE}_desc-preproc_T1w.nii.gz"
         data, mask, _ = load_input(t1w, t1w.with_name(t1w.name.replace("desc-preproc_T1w", "desc-brain_mask")), card)
         x = model_input(data, mask, card, torch.device("cpu"))
-        for method, target_class in (("zplus", "softmax"), ("gradcam", "predicted")):
-            heat = explain(model, x, method, target=target_class)[0, 0].detach().numpy()
-            aucs[method].append(roc_auc(np.clip(heat, 0, None), target, brain))
+        for method, value in effect_detection_aucs(model, x, logjac(k, "remove"), target, brain).items():
+            aucs[method].append(value)
     group_auc = roc_auc(np.abs(mean_all), np.abs(truth) > 0.05, brain) if mean_all is not None else float("nan")
 
     summary = {
@@ -211,8 +221,6 @@ def lowres(args, sim, out, rows, train, test) -> int:
     from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer
     from grazbids.counterfactual.apply import counterfactuals
     from grazbids.engine import Architecture, IntensityNormalisation, Trainer, TrainingData, TrainSettings
-    from grazbids.explain import explain
-    from grazbids.evaluate.metrics import roc_auc
     from grazbids.templates import get_template
 
     f = args.in_process_downsample
@@ -281,10 +289,9 @@ def lowres(args, sim, out, rows, train, test) -> int:
     for i in itest:
         if y[i] != 1:
             continue
-        aucs["counterfactual"].append(roc_auc(np.abs(results[ids[i]]["remove"].log_jacobian), effects[i], brain))
-        for method, target_class in (("zplus", "softmax"), ("gradcam", "predicted")):
-            heat = explain(classifier, x[i:i + 1], method, target=target_class)[0, 0].detach().numpy()
-            aucs[method].append(roc_auc(np.clip(heat, 0, None), effects[i], brain))
+        detected = effect_detection_aucs(classifier, x[i:i + 1], results[ids[i]]["remove"].log_jacobian, effects[i], brain)
+        for method, value in detected.items():
+            aucs[method].append(value)
     summary = {
         "resolution_mm": 2 * f, "grid": list(grid), "classifier_epochs": args.epochs, "simulator_epochs": len(sfit.history),
         "classifier_test_accuracy": float((predicted[itest] == y[itest]).float().mean()),

@@ -61,6 +61,17 @@ VARIANTS = {  # name -> (mode, outside penalty)
 }
 
 
+def resumable_results(args, depends_on: tuple[str, ...]) -> dict:
+    """The results in ``args.out`` (an interrupted run resumes from them), refused when they
+    were made with other values of the arguments ``depends_on`` (those a stored result
+    depends on; the others choose which results to compute or show)."""
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    settings = {k: getattr(args, k) for k in depends_on}
+    if results.setdefault("_settings", settings) != settings:
+        raise SystemExit(f"{args.out} holds results made with {results['_settings']}; use another --out for {settings}")
+    return results
+
+
 def simulation_config(shortcut: str, seed: int, n_train: int, n_test: int, voxel: float, effect: str = "lesion",
                       effect_strength: float | None = None) -> SimulationConfig:
     """The cohort of the benchmarks: identity head pose, on a common grid."""
@@ -155,7 +166,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/shortcut_evidence.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}  # resumes an interrupted run
+    results = resumable_results(args, ("n_train", "n_test", "voxel_size", "epochs", "learning_rate", "penalty_weight"))
     started = time.perf_counter()
     for shortcut in args.shortcuts:
         for seed in range(args.seeds):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shortcut_evidence import SHORTCUTS, evaluate, fmt, simulate  # noqa: E402
+from shortcut_evidence import SHORTCUTS, evaluate, fmt, resumable_results, simulate  # noqa: E402
 
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/training_recipe.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}  # resumes
+    results = resumable_results(args, ("n_train", "n_test", "voxel_size"))  # the keys name the rest
     for seed in range(args.seeds):
         cohort = None
         for mode in args.modes:

@@ -221,8 +221,7 @@ def test_a_held_outline_keeps_the_field_zero_outside_and_at_the_brain_edge():
     sim = ConditionalUNet(arch)
     torch.nn.init.normal_(sim.head.weight, std=0.1)  # a large field everywhere before the weighting
     u = sim(torch.rand(1, 1, 16, 16, 16) * brain, torch.tensor([1.0]), brain)
-    size = u.norm(dim=1)[0]
-    size = size.detach()
+    size = u.detach().norm(dim=1)[0]
     assert float(size[brain[0, 0] == 0].abs().max()) == 0.0  # outside the brain
     assert float(size[3, 3:13, 3:13].max()) == 0.0 and float(size[8, 8, 3]) == 0.0  # its outermost layer
     assert float(size[8, 8, 8]) > 1e-3  # deep inside it moves

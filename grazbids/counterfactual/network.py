@@ -108,7 +108,9 @@ class ConditionalUNet(nn.Module):
         if self.arch.hold_outline_voxels:
             if brain is None:
                 raise ValueError("this simulator holds the brain outline: it needs the brain mask")
-            brain = F.avg_pool3d(brain.to(x.dtype), factor, ceil_mode=True) if factor > 1 else brain.to(x.dtype)
+            brain = brain.to(x.dtype)
+            if factor > 1:  # on the U-Net's grid
+                brain = F.avg_pool3d(brain, factor, ceil_mode=True)
             field = field * interior_weight(brain, self.arch.hold_outline_voxels)
         if self.arch.diffeomorphic:
             field = integrate_velocity(field, self.arch.integration_steps)
