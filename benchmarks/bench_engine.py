@@ -6,6 +6,7 @@ Same model (Graz+ architecture) and batch (2 mm template grid 97x115x97, batch 2
   plain               one Adam step on cross-entropy, default memory format
   plain_channels_last the same with model and input channels-last
   grazplus            one Adam step on CE - sum(mask * R) through masked_relevance
+  grazplus_invariance the same plus the invariance penalty (the group level's default)
   naive               (--naive) the same loss with z+ through autograd.grad(create_graph=True)
   heatmap             the full z+ map (zplus_heatmap) under torch.inference_mode
 and, with --compile, the plain and Graz+ steps through torch.compile (compile time
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from grazbids.engine import Architecture, allocator, build_model, masked_relevance, pointwise, zplus_heatmap
+from grazbids.engine.guidance import invariance_penalty
 from grazbids.engine.lrp import start_relevance
 
 GRID_2MM = (97, 115, 97)
@@ -82,6 +84,10 @@ def make_steps(model, x, mask, y, compile_fns=False, naive=False):
         logits, inside, _ = masked_relevance(model, x, mask)
         return F.cross_entropy(logits, y) - inside.mean()
 
+    def graz_invariance_loss(x, mask, y):  # the group level's default Graz+ step (docs/simulation.md)
+        logits, inside, _ = masked_relevance(model, x, mask)
+        return F.cross_entropy(logits, y) - inside.mean() + invariance_penalty(model, x, 1 - mask, logits).mean()
+
     def naive_loss(x, mask, y):
         logits, inside = naive_masked_relevance(model, x.clone(), mask)
         return F.cross_entropy(logits, y) - inside.mean()
@@ -99,7 +105,7 @@ def make_steps(model, x, mask, y, compile_fns=False, naive=False):
             zplus_heatmap(model, x)
 
     steps = {"plain": step(plain_loss), "plain_channels_last": plain_cl_step, "grazplus": step(graz_loss),
-             "heatmap": heatmap}
+             "grazplus_invariance": step(graz_invariance_loss), "heatmap": heatmap}
     if naive:
         steps["naive"] = step(naive_loss)
     if compile_fns:
@@ -212,6 +218,8 @@ def main(argv=None):
         "plain_channels_last_step_s": round(results["plain_channels_last"], 4),
         "grazplus_step_s": round(results["grazplus"], 4),
         "step_ratio": round(results["grazplus"] / plain, 3),
+        "grazplus_invariance_step_s": round(results["grazplus_invariance"], 4),
+        "invariance_step_ratio": round(results["grazplus_invariance"] / plain, 3),
         "heatmap_s": round(results["heatmap"], 4),
         "heatmap_ratio": round(results["heatmap"] / plain, 3),
     }

@@ -5,8 +5,9 @@ correctly classified controls reproduce the true atrophy?) without registration:
 cohort is simulated directly on a common grid as in benchmarks/shortcut_evidence.py
 (identity head pose, random nonlinear anatomy, bias, noise; atrophy in every patient, no
 shortcut), so the CPU budget goes to training. The true log volume change is that of the
-simulator's atrophy effect at the grid's points (``AtrophyEffect.log_jacobian``; the
-individual anatomy warps are small and average out in the group mean).
+simulator's atrophy effect at the MNI coordinates of the grid's points
+(``AtrophyEffect.log_jacobian``; the individual anatomy warps are small and average out
+in the group mean).
 
 Reported: classifier test accuracy, the simulator's last epoch (hinge, displacement),
 the flip fraction of correctly classified test images, the Pearson r inside the brain
@@ -22,7 +23,8 @@ with 40 participants no setting learned it). The classifier and simulator checkp
 live under ``--work``: a rerun resumes, and another simulator setting reuses the
 classifier.
 
-    python benchmarks/counterfactual_grid.py --sim-epochs 12 [--smoothness-weight 1] [--cycle-weight 1] [--figure F.png]
+    python benchmarks/counterfactual_grid.py --sim-epochs 6 --margin 12 [--smoothness l1|l2] [--cycle-weight 1] \
+        [--objective-check] [--figure F.png]
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ sys.path.insert(0, str(REPO))
 
 from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
-from grazbids.counterfactual.warp import warp  # noqa: E402
+from grazbids.counterfactual.losses import cycle_loss, disease_log_odds, logit_shift_hinge, smoothness  # noqa: E402
+from grazbids.counterfactual.warp import log_volume_change, warp  # noqa: E402
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
-from grazbids.simulate.deformation import Grid  # noqa: E402
+from grazbids.simulate.anatomy import HEAD_REFERENCE_MNI  # noqa: E402
+from grazbids.simulate.deformation import Grid, Pose, apply_affine  # noqa: E402
 from grazbids.simulate.effects import AtrophyEffect  # noqa: E402
 from grazbids.simulate.regions import REGIONS  # noqa: E402
 
@@ -51,13 +55,23 @@ from counterfactual_ground_truth import effect_detection_aucs  # noqa: E402
 from shortcut_evidence import simulate, simulation_config  # noqa: E402
 
 
+def grid_and_mni_points(config) -> tuple[Grid, np.ndarray]:
+    """The cohort's grid and the MNI mm of its voxel centres: the simulator's chain
+    (scanner -> MNI through the identity head pose about HEAD_REFERENCE_MNI, template
+    source), without the individual anatomy warps (small; they average out in a group)."""
+    grid = Grid.centred(config.fov_mm, config.voxel_size)
+    scanner_from_mni = Pose((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)).matrix(np.asarray(HEAD_REFERENCE_MNI))
+    return grid, apply_affine(np.linalg.inv(scanner_from_mni), grid.points)
+
+
+def atrophy_effect(config) -> AtrophyEffect:
+    return AtrophyEffect.from_regions([REGIONS[r] for r in config.regions], config.strength)
+
+
 def true_log_volume_change(config) -> np.ndarray:
     """log(volume in the patient / healthy) of the atrophy effect at the grid's points."""
-    grid = Grid.centred(config.fov_mm, config.voxel_size)
-    ijk = np.indices(grid.shape).reshape(3, -1)
-    points = grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]
-    effect = AtrophyEffect.from_regions([REGIONS[r] for r in config.regions], config.strength)
-    return -effect.log_jacobian(points).reshape(grid.shape)
+    grid, mni = grid_and_mni_points(config)
+    return -atrophy_effect(config).log_jacobian(mni).reshape(grid.shape)
 
 
 def main() -> None:
@@ -72,7 +86,8 @@ def main() -> None:
     p.add_argument("--sim-epochs", type=int, default=20)
     p.add_argument("--sim-learning-rate", type=float, default=1e-3)
     p.add_argument("--margin", type=float, default=2.0)
-    p.add_argument("--smoothness-weight", type=float, default=1.0)
+    p.add_argument("--smoothness", choices=("l1", "l2"), default="l2", help="field regulariser (l1: the paper's)")
+    p.add_argument("--smoothness-weight", type=float, default=None, help="default: the simulator's for the penalty")
     p.add_argument("--cycle-weight", type=float, default=1.0)
     p.add_argument("--diffeomorphic", action="store_true")
     p.add_argument("--augment-copies", type=int, default=0, metavar="N",
@@ -82,12 +97,20 @@ def main() -> None:
                    help="the field fades to 0 within VOXELS inside the brain's outline (0: off)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cf_grid"))
     p.add_argument("--figure", type=Path, default=None, help="PNG: group-mean inject log-Jacobian beside the truth")
+    p.add_argument("--objective-check", action="store_true",
+                   help="also score the true atrophy warp (scaled x1-3) on the simulator's own objective, beside the "
+                        "simulator's warps, on the correctly classified test controls")
+    p.add_argument("--direct", type=int, default=0, metavar="N",
+                   help="instead of training the simulator, optimise the inject field of N correctly classified test "
+                        "controls directly, one by one (the simulator's hinge and smoothness terms, no cycle; Adam "
+                        "lr 0.01, 150 steps): what the objective itself prefers, without the U-Net")
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
     cohort_args = ("none", args.seed, args.n_train, args.n_test, args.voxel_size, "atrophy", args.effect_strength)
     cohort = simulate(*cohort_args)
     truth = true_log_volume_change(simulation_config(*cohort_args))
+    check_truth_placement(truth, cohort)
     brains = cohort["brain"]
     x, m = torch.from_numpy(cohort["image"][:, None]), torch.from_numpy(brains[:, None])
     y = torch.from_numpy(cohort["label"]).long()
@@ -110,13 +133,22 @@ def main() -> None:
     accuracy = float((predicted[test] == y[test]).float().mean())
     print(f"grid {grid}; classifier test accuracy {accuracy:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
+    if args.direct:
+        controls = [i for i in test if int(y[i]) == 0 and int(predicted[i]) == 0][:args.direct]
+        settings = SimulatorSettings(margin=args.margin, smoothness_penalty=args.smoothness,
+                                     smoothness_weight=args.smoothness_weight)
+        direct_optimisation(classifier, x[controls], truth, brains.mean(axis=0) > 0.5, settings)
+        return
+
     started = time.perf_counter()
     arch = SimulatorArchitecture(grid, field_downsample=1, diffeomorphic=args.diffeomorphic,
                                  hold_outline_voxels=args.hold_outline)
     sim_settings = SimulatorSettings(epochs=args.sim_epochs, batch_size=2, learning_rate=args.sim_learning_rate,
-                                     margin=args.margin, smoothness_weight=args.smoothness_weight,
+                                     margin=args.margin, smoothness_penalty=args.smoothness,
+                                     smoothness_weight=args.smoothness_weight,
                                      cycle_weight=args.cycle_weight, device="cpu", progress=False)
-    tag = (f"aug{args.augment_copies}_{args.augment_voxels:g}_" if args.augment_copies else "") + f"m{args.margin:g}_s{args.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}" + \
+    tag = (f"aug{args.augment_copies}_{args.augment_voxels:g}_" if args.augment_copies else "") + f"m{args.margin:g}_s{sim_settings.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}" + \
+        ("_l2" if args.smoothness == "l2" else "") + \
         ("_diffeo" if args.diffeomorphic else "") + (f"_hold{args.hold_outline}" if args.hold_outline else "")
     fit = SimulatorTrainer(arch, sim_settings, args.work / f"simulator_{tag}").fit(
         classifier, x[train], m[train], y[train], 1, "grid")
@@ -159,9 +191,104 @@ def main() -> None:
                "folded_fraction_mean": float(np.mean(folded)), "folded_fraction_max": float(np.max(folded)),
                "simulator_last_epoch": fit.history[-1], "seconds_simulator": round(seconds_sim),
                "settings": {k: str(v) for k, v in vars(args).items()}}
+    if args.objective_check:
+        controls = [i for i in test if int(y[i]) == 0 and int(predicted[i]) == 0]
+        u_true = true_inject_field(simulation_config(*cohort_args))
+        summary["objective_check"] = objective_check(classifier, simulator, x[controls], m[controls], u_true,
+                                                     sim_settings)
     if args.figure and inject_controls:
         save_figure(args.figure, np.mean(inject_controls, axis=0), truth, brain, summary)
     print(json.dumps(summary), flush=True)
+
+
+def check_truth_placement(truth: np.ndarray, cohort: dict) -> None:
+    """Guard: the true map must sit where the simulator put the effect (an earlier version
+    evaluated it at scanner instead of MNI coordinates, 18-22 mm off)."""
+    simulated = cohort["effect"][cohort["label"] == 1].mean(axis=0) > 0.5
+    support = np.abs(truth) > 0.05
+    dice = 2.0 * (simulated & support).sum() / max(simulated.sum() + support.sum(), 1)
+    print(f"truth placement: Dice of the true |log volume change| > 0.05 vs the simulated effect masks {dice:.2f}")
+    if dice < 0.5:
+        raise SystemExit("the true log volume change does not lie where the simulator put the effect")
+
+
+def true_inject_field(config) -> torch.Tensor:
+    """(1, 3, D, H, W) voxel displacement that turns a control into a patient of this cohort:
+    a patient's image at p shows the healthy anatomy at the effect's backward map of p."""
+    grid, mni = grid_and_mni_points(config)
+    healthy = atrophy_effect(config).backward(mni) - mni + grid.points  # the same shift in scanner mm
+    u = grid.to_index(healthy) - np.indices(grid.shape, dtype=float).reshape(3, -1)
+    return torch.from_numpy(u.reshape(1, 3, *grid.shape).astype(np.float32))
+
+
+def inverse_field(u: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """v with warp(warp(x, u), v) = x: the fixed point of v(p) = -u(p + v(p))."""
+    v = -u
+    for _ in range(iterations):
+        v = -warp(u, v, padding_mode="border")
+    return v
+
+
+@torch.no_grad()
+def objective_check(classifier, simulator, x, m, u_true, settings, scales=(1.0, 1.5, 2.0, 3.0)) -> dict:
+    """Is the true warp a better optimum of the simulator's objective than the one it found?
+    Per warp: the mean shift of the disease log-odds, hinge (at the training margin),
+    smoothness and cycle terms and their weighted sum (the training loss, inject direction)."""
+    before = disease_log_odds(classifier(x), 1)
+    c = torch.ones(len(x))
+
+    def terms(u, back):
+        after = disease_log_odds(classifier(warp(x, u)), 1)
+        hinge = logit_shift_hinge(before, after, c, settings.margin)
+        smooth = smoothness(u, settings.smoothness_penalty) + smoothness(back, settings.smoothness_penalty)
+        cycle = cycle_loss(x, warp(warp(x, u), back), m)
+        loss = hinge + settings.smoothness_weight * smooth + settings.cycle_weight * cycle
+        return {"log_odds_shift": float((after - before).mean()), "flips": float(((after > 0) != (before > 0)).float().mean()),
+                "hinge": float(hinge.mean()), "smoothness": float(smooth.mean()), "cycle": float(cycle.mean()),
+                "loss": float(loss.mean()), "mean_displacement_voxels": float(u.norm(dim=1).mean())}
+
+    rows = {}
+    u_sim = torch.cat([simulator(x[i:i + 1], c[i:i + 1], m[i:i + 1]) for i in range(len(x))])
+    back_sim = torch.cat([simulator(warp(x[i:i + 1], u_sim[i:i + 1]), -c[i:i + 1], m[i:i + 1]) for i in range(len(x))])
+    rows["simulator"] = terms(u_sim, back_sim)
+    for scale in scales:
+        u = (scale * u_true).expand(len(x), -1, -1, -1, -1)
+        rows[f"truth x{scale:g}"] = terms(u, inverse_field(u))
+    print(f"\nobjective check, {len(x)} correctly classified test controls, inject, margin {settings.margin:g}:")
+    print("| warp | log-odds shift | flips | hinge | smoothness | cycle | loss | mean displacement (voxels) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['log_odds_shift']:.2f} | {r['flips']:.2f} | {r['hinge']:.3f} | {r['smoothness']:.3g} | "
+              f"{r['cycle']:.4f} | {r['loss']:.3f} | {r['mean_displacement_voxels']:.3f} |", flush=True)
+    return rows
+
+
+def direct_optimisation(classifier, x, truth, brain, settings, steps: int = 150, lr: float = 0.01) -> None:
+    """Per image, the field minimising hinge + weight x smoothness (inject) by Adam from 0;
+    prints each image's log-odds shift and r with the truth, and the r of their mean."""
+    for q in classifier.parameters():
+        q.requires_grad_(False)
+    maps = []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        with torch.no_grad():
+            before = disease_log_odds(classifier(xi), 1)
+        u = torch.zeros(1, 3, *xi.shape[2:], requires_grad=True)
+        optimiser = torch.optim.Adam([u], lr=lr)
+        for _ in range(steps):
+            after = disease_log_odds(classifier(warp(xi, u)), 1)
+            loss = logit_shift_hinge(before, after, torch.ones(1), settings.margin) + \
+                settings.smoothness_weight * smoothness(u, settings.smoothness_penalty)
+            optimiser.zero_grad()
+            loss.sum().backward()
+            optimiser.step()
+        maps.append(log_volume_change(u.detach())[0].numpy())
+        print(f"control {i}: log-odds shift {float(after.detach() - before):.2f}, mean displacement "
+              f"{float(u.detach().norm(dim=1).mean()):.3f} voxels, r {np.corrcoef(maps[-1][brain], truth[brain])[0, 1]:.3f}",
+              flush=True)
+    r = np.corrcoef(np.mean(maps, axis=0)[brain], truth[brain])[0, 1]
+    print(f"direct optimisation, {settings.smoothness_penalty} weight {settings.smoothness_weight:g}, margin "
+          f"{settings.margin:g}: Pearson r of the mean of {len(maps)} maps with the truth {r:.3f}", flush=True)
 
 
 def elastic_copies(x: torch.Tensor, m: torch.Tensor, copies: int, voxels: float, seed: int):

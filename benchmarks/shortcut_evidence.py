@@ -153,30 +153,47 @@ def fmt(values) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shortcuts", nargs="+", choices=SHORTCUTS, default=list(SHORTCUTS))
+    parser.add_argument("--shortcuts", nargs="+", choices=SHORTCUTS + ("none",), default=list(SHORTCUTS),
+                        help="none: the lesion alone (a control: can the effect be learned from this cohort?)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train seeds first-seed .. seeds-1 only (split a run over processes with their own --out; "
+                             "the report covers every seed < --seeds found in --out)")
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=40)
     parser.add_argument("--voxel-size", type=float, default=4.0)
+    parser.add_argument("--effect-strength", type=float, default=None,
+                        help="relative intensity change of the lesion (default: the simulator's, 0.5)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--penalty-weight", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/shortcut_evidence.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="fold these results files (other processes' --out, same settings) into --out first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = resumable_results(args, ("n_train", "n_test", "voxel_size", "epochs", "learning_rate", "penalty_weight"))
+    results = resumable_results(args, ("n_train", "n_test", "voxel_size", "effect_strength", "epochs",
+                                        "learning_rate", "penalty_weight"))
+    for path in args.merge:
+        other = json.loads(path.read_text())
+        if other.get("_settings") != results["_settings"]:
+            raise SystemExit(f"{path} holds results made with {other.get('_settings')}, not {results['_settings']}")
+        results.update(other)
+    if args.merge:
+        args.out.write_text(json.dumps(results, indent=1))
     started = time.perf_counter()
     for shortcut in args.shortcuts:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             cohort = None
             for name in args.variants:
                 key = f"{shortcut}/{seed}/{name}"
                 if key in results:
                     continue
                 if cohort is None:
-                    cohort = simulate(shortcut, seed, args.n_train, args.n_test, args.voxel_size)
+                    cohort = simulate(shortcut, seed, args.n_train, args.n_test, args.voxel_size,
+                                      effect_strength=args.effect_strength)
                     train = np.flatnonzero(cohort["split"] == "train")
                     test = np.flatnonzero(cohort["split"] == "test")
                     data = TrainingData(torch.from_numpy(cohort["image"][:, None]), torch.from_numpy(cohort["brain"][:, None]),
@@ -229,8 +246,7 @@ def report(results: dict, args) -> None:
                   f"{fmt([p['agreeing_accuracy'] for p in control])} vs conflict cases "
                   f"{fmt([p['conflict_accuracy'] for p in control])}")
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                      "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                      "summary": summary}))
+                      "settings": vars(args), "summary": summary}, default=str))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,20 @@ def test_hinge_and_smoothness():
     assert float(smoothness(torch.ones(1, 3, *SHAPE))) == 0.0
     ramp = _grid().float() * 0.5
     assert abs(float(smoothness(ramp)) - 0.5 / 3) < 1e-6  # each component changes along one axis
+    assert abs(float(smoothness(ramp, "l2")) - 0.25 / 3) < 1e-6  # squared differences
+    bump = torch.zeros(1, 3, *SHAPE)
+    bump[0, 0, 4, 4, 4] = 1.0  # unit steps cost the same; l2 makes smaller ones cheaper, larger ones dearer
+    assert float(smoothness(bump, "l2")) == pytest.approx(float(smoothness(bump, "l1")))
+    with pytest.raises(ValueError, match="smoothness penalty"):
+        smoothness(ramp, "l3")
+
+
+def test_smoothness_settings_default_to_l2_with_its_own_weight():
+    assert (SimulatorSettings().smoothness_penalty, SimulatorSettings().smoothness_weight) == ("l2", 1e5)
+    assert SimulatorSettings(smoothness_penalty="l1").smoothness_weight == 1.0
+    assert SimulatorSettings(smoothness_penalty="l1", smoothness_weight=0.5).smoothness_weight == 0.5
+    with pytest.raises(ValueError, match="smoothness penalty"):
+        SimulatorSettings(smoothness_penalty="tv")
 
 
 # --------------------------------------------------------------------------- training

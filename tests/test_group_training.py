@@ -9,7 +9,7 @@ import pytest
 from grazbids.engine import load_bundle
 from grazbids.config import GroupSettings
 from grazbids.group.cohort import GroupInputError
-from grazbids.group.training import run_group_training
+from grazbids.group.training import run_group_training, train_settings
 from grazbids.engine.inference import predict
 
 TPL, RES = "MNI152NLin2009aSym", 2
@@ -96,6 +96,9 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     model, card = load_bundle(mode_dir / "model")
     assert card["target_column"] == "gender" and card["training_data"]["n_per_class"] == {"f": 4, "m": 3}
     assert card["training"]["learning_rate"] == 1e-3 and card["training"]["accumulation_steps"] == 2
+    assert card["training"]["outside_penalty"] == "invariance"  # Graz+ as shipped (docs/simulation.md)
+    plain_card = load_bundle(out / "group" / "mode-plain" / "model")[1]
+    assert plain_card["training"]["outside_penalty"] == "none"  # the baseline stays plain
     image = out / "sub-00" / "anat" / f"sub-00_space-{TPL}_res-{RES}_desc-preproc_T1w.nii.gz"
     result = predict(mode_dir / "model", image, str(image).replace("desc-preproc_T1w", "desc-brain_mask"), "cpu")
     assert np.isclose(result.probabilities.sum(), 1) and result.predicted in ("f", "m")
@@ -109,6 +112,15 @@ def test_group_training_writes_cv_outputs_and_a_usable_bundle(tmp_path):
     assert metrics.loc[metrics.true_label == "f", "flip_effect_zero"].isna().all()  # no effect to replace
     assert "flip_outside_zero" in modes.columns and 0 <= cv["chance"]["p_value"] <= 1
     assert set(result.dependence) == {"outside_zero", "outside_mean"}  # the bundle carries its mean image
+
+
+def test_outside_penalty_defaults_per_mode_and_an_explicit_choice_wins(tmp_path):
+    base = dict(bids_dir=tmp_path, output_dir=tmp_path, participants=("01",), target_column="gender")
+    assert train_settings(GroupSettings(**base), "grazplus", 1).outside_penalty == "invariance"
+    assert train_settings(GroupSettings(**base), "plain", 1).outside_penalty == "none"
+    assert train_settings(GroupSettings(**base), "masked", 1).outside_penalty == "none"
+    paper = GroupSettings(**base, training_options={"outside_penalty": "none"})
+    assert train_settings(paper, "grazplus", 1).outside_penalty == "none"
 
 
 def test_group_input_errors(tmp_path):

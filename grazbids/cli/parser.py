@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "relevance does not see: 'invariance' penalises the change of the output when "
                          "everything outside the brain is set to 0, 'gradient' the input gradient outside "
                          "the brain (Ross et al. 2017), 'signed' the share of signed LRP-epsilon relevance "
-                         "of the logit difference outside the brain (Graz+ architecture only); default none "
-                         "(docs/simulation.md, Shortcut evidence)")
+                         "of the logit difference outside the brain (Graz+ architecture only), 'none' nothing "
+                         "(the paper's Graz+); default invariance for --mode grazplus, none for the other "
+                         "modes (measured: docs/simulation.md, Shortcut evidence)")
     dl.add_argument("--outside-penalty-weight", type=_positive_float, default=None, metavar="W",
                     help="group level: weight of --outside-penalty (default: 1.0)")
     dl.add_argument("--atlas", type=Path, default=None, metavar="DSEG",

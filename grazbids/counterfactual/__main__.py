@@ -38,7 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .training import SimulatorSettings
+    from .losses import SMOOTHNESS_PENALTIES
+    from .training import DEFAULT_SMOOTHNESS_WEIGHT, SimulatorSettings
 
     d = SimulatorSettings()
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam, default %(default)s")
     t.add_argument("--margin", type=float, default=d.margin,
                    help="required shift of the disease log-odds (hinge margin), default %(default)s")
-    t.add_argument("--smoothness-weight", type=float, default=d.smoothness_weight, help="default %(default)s")
+    t.add_argument("--smoothness", choices=SMOOTHNESS_PENALTIES, default=d.smoothness_penalty,
+                   help="field regulariser: mean squared (l2, default) or absolute (l1, the paper's) finite "
+                        "differences of the field; l1 let adversarial warps of the brain outline through")
+    t.add_argument("--smoothness-weight", type=float, default=None,
+                   help=f"default {DEFAULT_SMOOTHNESS_WEIGHT['l2']:g} for l2, {DEFAULT_SMOOTHNESS_WEIGHT['l1']:g} for l1")
     t.add_argument("--cycle-weight", type=float, default=d.cycle_weight, help="default %(default)s")
     t.add_argument("--diffeomorphic", action="store_true",
                    help="stationary velocity integrated by scaling and squaring (no folding)")
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                        args.participant_label)
             settings = SimulatorSettings(epochs=args.epochs, batch_size=args.batch_size,
                                          learning_rate=args.learning_rate, margin=args.margin,
-                                         smoothness_weight=args.smoothness_weight, cycle_weight=args.cycle_weight,
+                                         smoothness_penalty=args.smoothness, smoothness_weight=args.smoothness_weight,
+                                         cycle_weight=args.cycle_weight,
                                          seed=args.seed, device=args.device)
             out = train_simulator(args.bundle, images, masks, labels, settings, positive_class=args.positive_class,
                                   diffeomorphic=args.diffeomorphic, field_downsample=args.field_downsample,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..explain.dependence import FLIP_RATE_WARNING, NEAR_CHANCE_ADVICE
+from ..explain.dependence import FLIP_RATE_ADVICE, FLIP_RATE_WARNING, NEAR_CHANCE_ADVICE
 from ..group.layout import MEAN_MAP, GroupLayout, ModeLayout, safe_label
 from . import brain_figures as bf
 from . import charts
@@ -266,7 +266,8 @@ def _warnings(mode: str, summary: dict) -> list[str]:
         out.append(paragraph(
             f"Warning: {100 * rate:.0f} % of the held-out decisions of mode {mode} change when everything outside "
             f"the brain is replaced (threshold {100 * FLIP_RATE_WARNING:.0f} %){share}. This model relies on what "
-            "lies outside the brain; relevance inside the brain is not evidence of reliance on the brain.", "warn"))
+            f"lies outside the brain; relevance inside the brain is not evidence of reliance on the brain. "
+            f"{FLIP_RATE_ADVICE}", "warn"))
     chance = summary.get("chance") or {}
     if chance.get("near_chance"):
         out.append(paragraph(
