@@ -42,7 +42,8 @@ sys.path.insert(0, str(REPO))
 
 from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
-from grazbids.counterfactual.losses import cycle_loss, disease_log_odds, logit_shift_hinge, smoothness  # noqa: E402
+from grazbids.counterfactual.losses import disease_log_odds, logit_shift_hinge, smoothness  # noqa: E402
+from grazbids.counterfactual.training import simulator_objective  # noqa: E402
 from grazbids.counterfactual.warp import log_volume_change, warp  # noqa: E402
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
 from grazbids.simulate.anatomy import HEAD_REFERENCE_MNI  # noqa: E402
@@ -147,9 +148,11 @@ def main() -> None:
                                      margin=args.margin, smoothness_penalty=args.smoothness,
                                      smoothness_weight=args.smoothness_weight,
                                      cycle_weight=args.cycle_weight, device="cpu", progress=False)
-    tag = (f"aug{args.augment_copies}_{args.augment_voxels:g}_" if args.augment_copies else "") + f"m{args.margin:g}_s{sim_settings.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}" + \
-        ("_l2" if args.smoothness == "l2" else "") + \
-        ("_diffeo" if args.diffeomorphic else "") + (f"_hold{args.hold_outline}" if args.hold_outline else "")
+    tag = "_".join(part for part in (
+        f"aug{args.augment_copies}_{args.augment_voxels:g}" if args.augment_copies else "",
+        f"m{args.margin:g}_s{sim_settings.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}",
+        "l2" if args.smoothness == "l2" else "", "diffeo" if args.diffeomorphic else "",
+        f"hold{args.hold_outline}" if args.hold_outline else "") if part)
     fit = SimulatorTrainer(arch, sim_settings, args.work / f"simulator_{tag}").fit(
         classifier, x[train], m[train], y[train], 1, "grid")
     simulator = fit.simulator.eval()
@@ -239,13 +242,10 @@ def objective_check(classifier, simulator, x, m, u_true, settings, scales=(1.0, 
 
     def terms(u, back):
         after = disease_log_odds(classifier(warp(x, u)), 1)
-        hinge = logit_shift_hinge(before, after, c, settings.margin)
-        smooth = smoothness(u, settings.smoothness_penalty) + smoothness(back, settings.smoothness_penalty)
-        cycle = cycle_loss(x, warp(warp(x, u), back), m)
-        loss = hinge + settings.smoothness_weight * smooth + settings.cycle_weight * cycle
+        objective = simulator_objective(settings, x, m, c, before, after, u, back)
         return {"log_odds_shift": float((after - before).mean()), "flips": float(((after > 0) != (before > 0)).float().mean()),
-                "hinge": float(hinge.mean()), "smoothness": float(smooth.mean()), "cycle": float(cycle.mean()),
-                "loss": float(loss.mean()), "mean_displacement_voxels": float(u.norm(dim=1).mean())}
+                **{k: float(v.mean()) for k, v in objective.items()},
+                "mean_displacement_voxels": float(u.norm(dim=1).mean())}
 
     rows = {}
     u_sim = torch.cat([simulator(x[i:i + 1], c[i:i + 1], m[i:i + 1]) for i in range(len(x))])

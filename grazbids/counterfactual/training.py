@@ -67,6 +67,16 @@ class SimulatorSettings:
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def simulator_objective(s: SimulatorSettings, x, mask, c, before, after, u, back) -> dict[str, torch.Tensor]:
+    """The training loss and its terms (per sample) of the warp ``u`` of ``x`` in direction ``c``
+    and its way back ``back``; ``before``/``after``: the disease log-odds of x and of its warp."""
+    hinge = logit_shift_hinge(before, after, c, s.margin)
+    smooth = smoothness(u, s.smoothness_penalty) + smoothness(back, s.smoothness_penalty)
+    cycle = cycle_loss(x, warp(warp(x, u), back), mask)
+    loss = hinge + s.smoothness_weight * smooth + s.cycle_weight * cycle
+    return {"loss": loss, "hinge": hinge, "smoothness": smooth, "cycle": cycle}
+
+
 @dataclass
 class SimulatorFit:
     simulator: ConditionalUNet
@@ -113,12 +123,7 @@ class SimulatorTrainer:
         simulated = warp(x, u)
         after = disease_log_odds(classifier(simulated), positive)
         back = simulator(simulated, -c, mask)  # a held outline leaves the mask valid for the result
-        cycled = warp(simulated, back)
-        hinge = logit_shift_hinge(before, after, c, s.margin)
-        smooth = smoothness(u, s.smoothness_penalty) + smoothness(back, s.smoothness_penalty)
-        cycle = cycle_loss(x, cycled, mask)
-        loss = hinge + s.smoothness_weight * smooth + s.cycle_weight * cycle
-        return {"loss": loss, "hinge": hinge, "smoothness": smooth, "cycle": cycle}, before, after, u
+        return simulator_objective(s, x, mask, c, before, after, u, back), before, after, u
 
     def fit(self, classifier: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
             positive: int, classifier_sha256: str) -> SimulatorFit:
