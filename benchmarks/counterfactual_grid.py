@@ -40,9 +40,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from grazbids.counterfactual import SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
+from grazbids.counterfactual import ConditionalUNet, SimulatorArchitecture, SimulatorSettings, SimulatorTrainer  # noqa: E402
 from grazbids.counterfactual.apply import counterfactuals  # noqa: E402
-from grazbids.counterfactual.losses import disease_log_odds, logit_shift_hinge, smoothness  # noqa: E402
+from grazbids.counterfactual.losses import disease_log_odds, displacement, logit_shift_hinge, smoothness  # noqa: E402
 from grazbids.counterfactual.training import simulator_objective  # noqa: E402
 from grazbids.counterfactual.warp import log_volume_change, warp  # noqa: E402
 from grazbids.engine import Architecture, Trainer, TrainingData, TrainSettings  # noqa: E402
@@ -84,13 +84,19 @@ def main() -> None:
     p.add_argument("--effect-strength", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=30, help="classifier epochs")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="classifier learning rate")
-    p.add_argument("--sim-epochs", type=int, default=20)
+    p.add_argument("--sim-epochs", type=int, default=16)
     p.add_argument("--sim-learning-rate", type=float, default=1e-3)
     p.add_argument("--margin", type=float, default=2.0)
     p.add_argument("--smoothness", choices=("l1", "l2"), default="l2", help="field regulariser (l1: the paper's)")
     p.add_argument("--smoothness-weight", type=float, default=None, help="default: the simulator's for the penalty")
     p.add_argument("--cycle-weight", type=float, default=1.0)
+    p.add_argument("--displacement-weight", type=float, default=SimulatorSettings.displacement_weight,
+                   help="x mean squared displacement (voxels^2) in the last --displacement-epochs (default %(default)s; "
+                        "0: one phase without it)")
+    p.add_argument("--displacement-epochs", type=int, default=None, help="default: a quarter of --sim-epochs")
     p.add_argument("--diffeomorphic", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="start the simulator from the weights of another run's checkpoint (a folder under --work)")
     p.add_argument("--augment-copies", type=int, default=0, metavar="N",
                    help="train the classifier on N randomly warped copies of each training image besides it")
     p.add_argument("--augment-voxels", type=float, default=1.5, help="their displacement scale (voxels, s.d.)")
@@ -104,7 +110,8 @@ def main() -> None:
     p.add_argument("--direct", type=int, default=0, metavar="N",
                    help="instead of training the simulator, optimise the inject field of N correctly classified test "
                         "controls directly, one by one (the simulator's hinge and smoothness terms, no cycle; Adam "
-                        "lr 0.01, 150 steps): what the objective itself prefers, without the U-Net")
+                        "lr 0.01, 150 steps): what the objective itself prefers, without the U-Net; with "
+                        "--init-from, starting from that simulator's fields")
     args = p.parse_args()
     torch.manual_seed(args.seed)
 
@@ -137,8 +144,15 @@ def main() -> None:
     if args.direct:
         controls = [i for i in test if int(y[i]) == 0 and int(predicted[i]) == 0][:args.direct]
         settings = SimulatorSettings(margin=args.margin, smoothness_penalty=args.smoothness,
-                                     smoothness_weight=args.smoothness_weight)
-        direct_optimisation(classifier, x[controls], truth, brains.mean(axis=0) > 0.5, settings)
+                                     smoothness_weight=args.smoothness_weight,
+                                     displacement_weight=args.displacement_weight)
+        start = None
+        if args.init_from:  # refine the simulator's own inject fields instead of starting from 0
+            simulator = ConditionalUNet(SimulatorArchitecture(grid, field_downsample=1)).eval()
+            simulator.load_state_dict(simulator_weights(args.init_from / "checkpoint.safetensors"))
+            with torch.no_grad():
+                start = [simulator(x[i:i + 1], torch.ones(1), m[i:i + 1]) for i in controls]
+        direct_optimisation(classifier, x[controls], truth, brains.mean(axis=0) > 0.5, settings, start)
         return
 
     started = time.perf_counter()
@@ -147,21 +161,27 @@ def main() -> None:
     sim_settings = SimulatorSettings(epochs=args.sim_epochs, batch_size=2, learning_rate=args.sim_learning_rate,
                                      margin=args.margin, smoothness_penalty=args.smoothness,
                                      smoothness_weight=args.smoothness_weight,
-                                     cycle_weight=args.cycle_weight, device="cpu", progress=False)
+                                     cycle_weight=args.cycle_weight, displacement_weight=args.displacement_weight,
+                                     displacement_epochs=args.displacement_epochs, device="cpu", progress=False)
     tag = "_".join(part for part in (
         f"aug{args.augment_copies}_{args.augment_voxels:g}" if args.augment_copies else "",
         f"m{args.margin:g}_s{sim_settings.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}",
+        f"d{args.displacement_weight:g}" if args.displacement_weight else "",
+        f"de{args.displacement_epochs}" if args.displacement_epochs is not None else "",
         "l2" if args.smoothness == "l2" else "", "diffeo" if args.diffeomorphic else "",
-        f"hold{args.hold_outline}" if args.hold_outline else "") if part)
+        f"hold{args.hold_outline}" if args.hold_outline else "",
+        f"from-{args.init_from.name}" if args.init_from else "") if part)
+    initial = simulator_weights(args.init_from / "checkpoint.safetensors") if args.init_from else None
     fit = SimulatorTrainer(arch, sim_settings, args.work / f"simulator_{tag}").fit(
-        classifier, x[train], m[train], y[train], 1, "grid")
+        classifier, x[train], m[train], y[train], 1, "grid", initial_state=initial)
     simulator = fit.simulator.eval()
     seconds_sim = time.perf_counter() - started
     for row in fit.history:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
     test_set = set(test.tolist())
-    flips, folded, inject_controls, inject_test_controls = [], [], [], []
+    flips, folded, inject_controls, inject_test_controls, shifts = {"inject": [], "remove": []}, [], [], [], []
+    log_odds = {"inject": [], "remove": []}
     brain = brains.mean(axis=0) > 0.5
     aucs = {"counterfactual": [], "zplus": [], "gradcam": []}
     for i in range(len(y)):
@@ -171,9 +191,11 @@ def main() -> None:
             result = counterfactuals(classifier, simulator, x[i:i + 1], m[i:i + 1], 1, directions=(direction,))[direction]
         folded.append(result.folded_fraction)
         if correct and i in test_set:
-            flips.append(int(np.argmax(result.probabilities_after)) != int(y[i]))
+            flips[direction].append(int(np.argmax(result.probabilities_after)) != int(y[i]))
+            log_odds[direction].append(result.log_odds_before)
         if correct and y[i] == 0:
             inject_controls.append(result.log_jacobian)
+            shifts.append(result.field[:, brain].mean(axis=1))  # the field's mean in the brain: a shift
             if i in test_set:
                 inject_test_controls.append(result.log_jacobian)
         if correct and y[i] == 1 and i in test_set:  # detection of the patient's own effect
@@ -185,12 +207,15 @@ def main() -> None:
         return float(np.corrcoef(np.mean(maps, axis=0)[brain], truth[brain])[0, 1]) if maps else float("nan")
 
     summary = {"classifier_test_accuracy": accuracy, "simulator_epochs": len(fit.history),
-               "flip_fraction_test": float(np.mean(flips)) if flips else float("nan"), "n_test_correct": len(flips),
+               "flip_fraction_test": {k: float(np.mean(v)) if v else float("nan") for k, v in flips.items()},
+               "n_test_correct": {k: len(v) for k, v in flips.items()},
+               "median_log_odds_before": {k: float(np.median(v)) if v else float("nan") for k, v in log_odds.items()},
                "pearson_r_inject_controls": pearson(inject_controls), "n_controls": len(inject_controls),
                "pearson_r_inject_test_controls": pearson(inject_test_controls),
                "n_test_controls": len(inject_test_controls),
                "roc_auc_mean": {k: float(np.mean(v)) if v else float("nan") for k, v in aucs.items()},
                "roc_auc_test_patients": {k: [round(v, 3) for v in vals] for k, vals in aucs.items()},
+               "mean_shift_in_brain_voxels": np.mean(shifts, axis=0).round(3).tolist() if shifts else None,
                "folded_fraction_mean": float(np.mean(folded)), "folded_fraction_max": float(np.max(folded)),
                "simulator_last_epoch": fit.history[-1], "seconds_simulator": round(seconds_sim),
                "settings": {k: str(v) for k, v in vars(args).items()}}
@@ -202,6 +227,12 @@ def main() -> None:
     if args.figure and inject_controls:
         save_figure(args.figure, np.mean(inject_controls, axis=0), truth, brain, summary)
     print(json.dumps(summary), flush=True)
+
+
+def simulator_weights(checkpoint: Path) -> dict:
+    """The simulator's weights in a training checkpoint (its tensors ``model.<name>``)."""
+    from safetensors.torch import load_file
+    return {k[len("model."):]: v for k, v in load_file(checkpoint).items() if k.startswith("model.")}
 
 
 def check_truth_placement(truth: np.ndarray, cohort: dict) -> None:
@@ -255,15 +286,15 @@ def objective_check(classifier, simulator, x, m, u_true, settings, scales=(1.0, 
         u = (scale * u_true).expand(len(x), -1, -1, -1, -1)
         rows[f"truth x{scale:g}"] = terms(u, inverse_field(u))
     print(f"\nobjective check, {len(x)} correctly classified test controls, inject, margin {settings.margin:g}:")
-    print("| warp | log-odds shift | flips | hinge | smoothness | cycle | loss | mean displacement (voxels) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| warp | log-odds shift | flips | hinge | smoothness | cycle | displacement | loss | mean displacement (voxels) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['log_odds_shift']:.2f} | {r['flips']:.2f} | {r['hinge']:.3f} | {r['smoothness']:.3g} | "
-              f"{r['cycle']:.4f} | {r['loss']:.3f} | {r['mean_displacement_voxels']:.3f} |", flush=True)
+              f"{r['cycle']:.4f} | {r['displacement']:.4f} | {r['loss']:.3f} | {r['mean_displacement_voxels']:.3f} |", flush=True)
     return rows
 
 
-def direct_optimisation(classifier, x, truth, brain, settings, steps: int = 150, lr: float = 0.01) -> None:
+def direct_optimisation(classifier, x, truth, brain, settings, start=None, steps: int = 150, lr: float = 0.01) -> None:
     """Per image, the field minimising hinge + weight x smoothness (inject) by Adam from 0;
     prints each image's log-odds shift and r with the truth, and the r of their mean."""
     for q in classifier.parameters():
@@ -273,18 +304,23 @@ def direct_optimisation(classifier, x, truth, brain, settings, steps: int = 150,
         xi = x[i:i + 1]
         with torch.no_grad():
             before = disease_log_odds(classifier(xi), 1)
-        u = torch.zeros(1, 3, *xi.shape[2:], requires_grad=True)
+        u = torch.zeros(1, 3, *xi.shape[2:]) if start is None else start[i].clone()
+        if start is not None:
+            print(f"control {i}: the simulator's field, r {np.corrcoef(log_volume_change(u)[0].numpy()[brain], truth[brain])[0, 1]:.3f}")
+        u.requires_grad_(True)
         optimiser = torch.optim.Adam([u], lr=lr)
         for _ in range(steps):
             after = disease_log_odds(classifier(warp(xi, u)), 1)
             loss = logit_shift_hinge(before, after, torch.ones(1), settings.margin) + \
-                settings.smoothness_weight * smoothness(u, settings.smoothness_penalty)
+                settings.smoothness_weight * smoothness(u, settings.smoothness_penalty) + \
+                settings.displacement_weight * displacement(u)
             optimiser.zero_grad()
             loss.sum().backward()
             optimiser.step()
         maps.append(log_volume_change(u.detach())[0].numpy())
         print(f"control {i}: log-odds shift {float(after.detach() - before):.2f}, mean displacement "
-              f"{float(u.detach().norm(dim=1).mean()):.3f} voxels, r {np.corrcoef(maps[-1][brain], truth[brain])[0, 1]:.3f}",
+              f"{float(u.detach().norm(dim=1).mean()):.3f} voxels, mean field in the brain "
+              f"{u.detach()[0][:, torch.from_numpy(brain)].mean(dim=1).numpy().round(3)}, r {np.corrcoef(maps[-1][brain], truth[brain])[0, 1]:.3f}",
               flush=True)
     r = np.corrcoef(np.mean(maps, axis=0)[brain], truth[brain])[0, 1]
     print(f"direct optimisation, {settings.smoothness_penalty} weight {settings.smoothness_weight:g}, margin "

@@ -14,7 +14,7 @@ from grazbids.counterfactual import (
 )
 from grazbids.counterfactual.__main__ import main as cf_main
 from grazbids.counterfactual.bundle import SIMULATOR_DIR, SIMULATOR_WEIGHTS, save_simulator
-from grazbids.counterfactual.losses import cycle_loss, disease_log_odds, logit_shift_hinge, smoothness
+from grazbids.counterfactual.losses import cycle_loss, disease_log_odds, displacement, logit_shift_hinge, smoothness
 from grazbids.counterfactual.run import train_simulator
 from grazbids.counterfactual.warp import folded_fraction, identity_grid
 from grazbids.engine import Architecture, IntensityNormalisation, build_model, save_bundle
@@ -161,6 +161,33 @@ def test_hinge_and_smoothness():
         smoothness(ramp, "l3")
 
 
+def test_displacement_charges_the_uniform_shift_that_smoothness_does_not():
+    shift = torch.zeros(2, 3, *SHAPE)
+    shift[0, 0], shift[1, 2] = 0.5, -2.0
+    assert torch.allclose(smoothness(shift, "l2"), torch.zeros(2))
+    assert torch.allclose(displacement(shift), torch.tensor([0.25, 4.0]))
+
+
+def test_the_displacement_term_runs_as_a_second_phase_and_leaves_earlier_fingerprints():
+    first, second = SimulatorSettings(epochs=16).phases()
+    assert (first.epochs, first.displacement_weight, second.epochs, second.displacement_weight) == (12, 0.0, 4, 10.0)
+    assert [p.epochs for p in SimulatorSettings(epochs=30, displacement_epochs=10).phases()] == [20, 10]
+    assert len(SimulatorSettings(epochs=3).phases()) == 1  # a quarter of 3 epochs is none
+    assert len(SimulatorSettings(epochs=16, displacement_weight=0.0).phases()) == 1
+    only = SimulatorSettings(epochs=16, displacement_weight=0.0).phases()[0]
+    assert (only.epochs, only.displacement_weight) == (16, 0.0)
+    for bad in ({"displacement_epochs": 16}, {"displacement_epochs": -1}, {"displacement_weight": -1.0}):
+        with pytest.raises(ValueError, match="displacement"):
+            SimulatorSettings(epochs=16, **bad)
+    # the first phase is the one-phase training of before the option: its checkpoints resume
+    arch, index = SimulatorArchitecture(SHAPE), np.arange(3)
+    unweighted = "c0d8804603e9832f"  # the fingerprint of SimulatorSettings() before the option (commit 70ecbd5)
+    assert first.fingerprint(arch, "sha", index) == unweighted
+    assert second.fingerprint(arch, "sha", index) != unweighted
+    state = ConditionalUNet(_arch(SHAPE)).state_dict()
+    assert second.fingerprint(arch, "sha", index, state) != second.fingerprint(arch, "sha", index)
+
+
 def test_smoothness_settings_default_to_l2_with_its_own_weight():
     assert (SimulatorSettings().smoothness_penalty, SimulatorSettings().smoothness_weight) == ("l2", 1e5)
     assert SimulatorSettings(smoothness_penalty="l1").smoothness_weight == 1.0
@@ -225,6 +252,25 @@ def test_gradients_reach_the_simulator_and_never_change_the_classifier(trained_c
     fit = trainer.fit(model, images, masks, labels, positive=1, classifier_sha256="x")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(fit.history) == 1 and np.isfinite(fit.history[0]["loss"])
+
+
+def test_the_second_phase_continues_the_first_with_the_displacement_term(trained_classifier, tmp_path):
+    model, images, masks, labels = trained_classifier
+    settings = SimulatorSettings(epochs=3, displacement_epochs=1, displacement_weight=10.0, batch_size=4,
+                                 learning_rate=3e-3, progress=False, device="cpu")
+    fit = SimulatorTrainer(_arch(), settings, tmp_path).fit(model, images, masks, labels, 1, "x")
+    assert [row["epoch"] for row in fit.history] == [1, 2, 3]
+    for row in fit.history:  # the loss holds the displacement term in the last epoch only
+        rest = row["hinge"] + settings.smoothness_weight * row["smoothness"] + row["cycle"]
+        weight = 10.0 if row["epoch"] == 3 else 0.0
+        assert row["loss"] == pytest.approx(rest + weight * row["displacement"], rel=1e-4)
+        assert row["displacement"] > 0
+    assert (tmp_path / "displacement" / "checkpoint.safetensors").exists()
+    assert (tmp_path / "history.tsv").read_text().count("\n") == 4  # header + both phases
+    # the first phase alone is the same training as without the option
+    alone = SimulatorSettings(**{**settings.__dict__, "epochs": 2, "displacement_epochs": 0, "displacement_weight": 0})
+    first = SimulatorTrainer(_arch(), alone).fit(model, images, masks, labels, 1, "x")
+    assert first.history == fit.history[:2]
 
 
 def test_a_held_outline_keeps_the_field_zero_outside_and_at_the_brain_edge():
@@ -384,6 +430,11 @@ def test_cli_apply_writes_everything_and_errors_have_exit_codes(trained_classifi
     with pytest.raises(SystemExit) as exit_info:
         cf_main(["train", str(bundle), str(tmp_path), str(tmp_path), "--epochs", "0"])
     assert exit_info.value.code == 64
+    for bad in (["--displacement-epochs", "4"], ["--displacement-weight", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cf_main(["train", str(bundle), str(tmp_path), str(tmp_path), "--epochs", "4", *bad])
+        assert exit_info.value.code == 64
+    assert "--displacement-weight must be >= 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- participant level

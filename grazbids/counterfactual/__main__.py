@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--smoothness-weight", type=float, default=None,
                    help=f"default {DEFAULT_SMOOTHNESS_WEIGHT['l2']:g} for l2, {DEFAULT_SMOOTHNESS_WEIGHT['l1']:g} for l1")
     t.add_argument("--cycle-weight", type=float, default=d.cycle_weight, help="default %(default)s")
+    t.add_argument("--displacement-weight", type=float, default=d.displacement_weight,
+                   help="weight of the mean squared displacement in the last --displacement-epochs, which continue "
+                        "the simulator: it removes a shift of the whole brain that the smoothness penalty does not "
+                        "charge (default %(default)s; 0: one phase without it, as the paper)")
+    t.add_argument("--displacement-epochs", type=int, default=None,
+                   help="epochs with the displacement term, counted in --epochs (default: a quarter of them)")
     t.add_argument("--diffeomorphic", action="store_true",
                    help="stationary velocity integrated by scaling and squaring (no folding)")
     t.add_argument("--field-downsample", type=int, default=2,
@@ -97,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             for name in ("epochs", "batch_size", "learning_rate", "field_downsample"):
                 _positive(getattr(args, name), "--" + name.replace("_", "-"), parser)
+            if args.displacement_weight < 0:
+                parser.error(f"--displacement-weight must be >= 0, got {args.displacement_weight}")
+            if args.displacement_epochs is not None and not 0 <= args.displacement_epochs < args.epochs:
+                parser.error(f"--displacement-epochs must be from 0 to --epochs - 1, got {args.displacement_epochs}")
             from .cohort import load_training_images
             from .run import check_classifier_card
 
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                          learning_rate=args.learning_rate, margin=args.margin,
                                          smoothness_penalty=args.smoothness, smoothness_weight=args.smoothness_weight,
                                          cycle_weight=args.cycle_weight,
+                                         displacement_weight=args.displacement_weight,
+                                         displacement_epochs=args.displacement_epochs,
                                          seed=args.seed, device=args.device)
             out = train_simulator(args.bundle, images, masks, labels, settings, positive_class=args.positive_class,
                                   diffeomorphic=args.diffeomorphic, field_downsample=args.field_downsample,

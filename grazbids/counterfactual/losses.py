@@ -6,7 +6,10 @@
 - smoothness: mean L1 of the field's finite differences (the paper's), or their mean
   square ("l2", the diffusion regulariser of VoxelMorph; the default: on the 4 mm atrophy
   benchmark the L1 term let adversarial outline warps through, docs/counterfactual.md);
-- cycle consistency: mean |S_-c(S_c(x)) - x| (L1).
+- cycle consistency: mean |S_-c(S_c(x)) - x| (L1);
+- displacement (optional): mean squared displacement in voxels. Neither smoothness
+  penalty charges a uniform shift, and a shift of the brain's outline moves a classifier's
+  logits; this term makes the simulator pay for it.
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ def smoothness(u: torch.Tensor, penalty: str = "l1") -> torch.Tensor:
     power = 1 if penalty == "l1" else 2
     diffs = [u.diff(dim=d).abs().pow(power).mean(dim=(1, 2, 3, 4)) for d in (2, 3, 4)]
     return sum(diffs) / 3.0
+
+
+def displacement(u: torch.Tensor) -> torch.Tensor:
+    """Mean squared displacement (voxels^2) per sample."""
+    return u.pow(2).sum(dim=1).mean(dim=(1, 2, 3))
 
 
 def cycle_loss(x: torch.Tensor, x_cycled: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,12 @@ from ..engine.device import resolve_device
 from ..engine.trainer import (
     _batches, _epoch_order, load_checkpoint, output_collapsed, save_checkpoint, write_history,
 )
-from .losses import SMOOTHNESS_PENALTIES, cycle_loss, disease_log_odds, logit_shift_hinge, smoothness
+from .losses import SMOOTHNESS_PENALTIES, cycle_loss, disease_log_odds, displacement, logit_shift_hinge, smoothness
 from .network import ConditionalUNet, SimulatorArchitecture
 from .warp import folded_fraction, warp
 
 LOG = logging.getLogger("grazbids.counterfactual")
-HISTORY_COLUMNS = ("epoch", "loss", "hinge", "smoothness", "cycle", "flip_fraction", "mean_displacement_voxels",
+HISTORY_COLUMNS = ("epoch", "loss", "hinge", "smoothness", "cycle", "displacement", "flip_fraction", "mean_displacement_voxels",
                    "folded_fraction")
 
 
@@ -49,6 +49,13 @@ class SimulatorSettings:
     smoothness_penalty: str = "l2"  # "l1" is the paper's; it found adversarial warps (docs/counterfactual.md)
     smoothness_weight: float | None = None  # None: DEFAULT_SMOOTHNESS_WEIGHT of the penalty
     cycle_weight: float = 1.0
+    # The last ``displacement_epochs`` epochs (default: a quarter, none under 4 epochs) continue the simulator
+    # with a fresh optimiser and this weight x the mean squared displacement (voxels^2). Without it the
+    # simulator found the pattern plus a ~1 voxel shift of the whole brain, which no smoothness penalty
+    # charges; with it from the start the field stayed at the identity (docs/counterfactual.md, session 8).
+    # 0: one phase, as the paper.
+    displacement_weight: float = 10.0
+    displacement_epochs: int | None = None
     seed: int = 42
     device: str = "auto"
     progress: bool = True
@@ -58,12 +65,36 @@ class SimulatorSettings:
             raise ValueError(f"smoothness penalty {self.smoothness_penalty!r}: one of {SMOOTHNESS_PENALTIES}")
         if self.smoothness_weight is None:
             self.smoothness_weight = DEFAULT_SMOOTHNESS_WEIGHT[self.smoothness_penalty]
+        if self.displacement_weight < 0:
+            raise ValueError(f"displacement weight must be >= 0, got {self.displacement_weight}")
+        if self.displacement_epochs is None:
+            self.displacement_epochs = self.epochs // 4 if self.displacement_weight else 0
+        if not 0 <= self.displacement_epochs < self.epochs:
+            raise ValueError(f"displacement epochs must be from 0 to epochs - 1 ({self.epochs - 1}), "
+                             f"got {self.displacement_epochs}")
 
-    def fingerprint(self, arch: SimulatorArchitecture, classifier_sha256: str, index: np.ndarray) -> str:
-        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "progress", "device")}
+    def phases(self) -> list["SimulatorSettings"]:
+        """The settings of each training phase: without the displacement term, then (when its
+        weight and epochs are > 0) with it, for its epochs."""
+        second = self.displacement_epochs
+        if self.displacement_weight == 0 or second == 0:
+            return [replace(self, displacement_weight=0.0, displacement_epochs=0)]
+        return [replace(self, epochs=self.epochs - second, displacement_weight=0.0, displacement_epochs=0),
+                replace(self, epochs=second, displacement_epochs=0)]
+
+    def fingerprint(self, arch: SimulatorArchitecture, classifier_sha256: str, index: np.ndarray,
+                    initial_state: dict | None = None) -> str:
+        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "displacement_epochs", "progress", "device")}
         if keys["smoothness_penalty"] == "l1":  # checkpoints from before the option stay resumable
             del keys["smoothness_penalty"]
+        if keys["displacement_weight"] == 0.0:  # likewise from before that option
+            del keys["displacement_weight"]
         keys.update(arch=arch.to_dict(), classifier=classifier_sha256, index=np.asarray(index).tolist())
+        if initial_state is not None:
+            digest = hashlib.sha256()
+            for name in sorted(initial_state):
+                digest.update(name.encode() + initial_state[name].detach().cpu().contiguous().numpy().tobytes())
+            keys["initial_state"] = digest.hexdigest()
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -73,8 +104,9 @@ def simulator_objective(s: SimulatorSettings, x, mask, c, before, after, u, back
     hinge = logit_shift_hinge(before, after, c, s.margin)
     smooth = smoothness(u, s.smoothness_penalty) + smoothness(back, s.smoothness_penalty)
     cycle = cycle_loss(x, warp(warp(x, u), back), mask)
-    loss = hinge + s.smoothness_weight * smooth + s.cycle_weight * cycle
-    return {"loss": loss, "hinge": hinge, "smoothness": smooth, "cycle": cycle}
+    shift = displacement(u) + displacement(back)
+    loss = hinge + s.smoothness_weight * smooth + s.cycle_weight * cycle + s.displacement_weight * shift
+    return {"loss": loss, "hinge": hinge, "smoothness": smooth, "cycle": cycle, "displacement": shift}
 
 
 @dataclass
@@ -114,9 +146,10 @@ class SimulatorTrainer:
         self.workdir = Path(workdir) if workdir else None
         self.device = resolve_device(settings.device)
 
-    def step_losses(self, simulator, classifier, x, mask, c, positive: int):
-        """Loss terms of one batch (per sample) and the logits before/after the warp."""
-        s = self.settings
+    def step_losses(self, simulator, classifier, x, mask, c, positive: int, settings: SimulatorSettings | None = None):
+        """Loss terms of one batch (per sample) and the logits before/after the warp (under
+        ``settings``, default the trainer's)."""
+        s = settings or self.settings
         with torch.no_grad():
             before = disease_log_odds(classifier(x), positive)
         u = simulator(x, c, mask)
@@ -126,19 +159,43 @@ class SimulatorTrainer:
         return simulator_objective(s, x, mask, c, before, after, u, back), before, after, u
 
     def fit(self, classifier: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
-            positive: int, classifier_sha256: str) -> SimulatorFit:
-        """images (N, 1, D, H, W) as the classifier sees them, masks (N, 1, ...) brain masks."""
-        s = self.settings
+            positive: int, classifier_sha256: str, initial_state: dict | None = None) -> SimulatorFit:
+        """images (N, 1, D, H, W) as the classifier sees them, masks (N, 1, ...) brain masks;
+        ``initial_state``: a simulator's weights to start from instead of the near-identity
+        initialisation. Runs the phases of the settings; the second one (displacement term)
+        continues the first one's simulator, checkpointed in ``<workdir>/displacement``."""
+        first, *rest = self.settings.phases()
+        fit = self._fit_phase(first, self.workdir, self.name, classifier, images, masks, labels, positive,
+                              classifier_sha256, initial_state)
+        if not rest or fit.collapsed_epoch is not None:
+            return fit
+        LOG.info("%s: %d more epoch(s) with the displacement term (weight %g)", self.name, rest[0].epochs,
+                 rest[0].displacement_weight)
+        state = {k: v.clone() for k, v in fit.simulator.state_dict().items()}
+        second = self._fit_phase(rest[0], self.workdir / "displacement" if self.workdir else None,
+                                 f"{self.name} (displacement)", classifier, images, masks, labels, positive,
+                                 classifier_sha256, state)
+        history = fit.history + [{**row, "epoch": row["epoch"] + first.epochs} for row in second.history]
+        if self.workdir:
+            write_history(self.workdir / "history.tsv", history, HISTORY_COLUMNS)
+        collapsed = None if second.collapsed_epoch is None else second.collapsed_epoch + first.epochs
+        return SimulatorFit(second.simulator, history, second.used_index, collapsed)
+
+    def _fit_phase(self, s: SimulatorSettings, workdir: Path | None, name: str, classifier, images, masks, labels,
+                   positive, classifier_sha256, initial_state) -> SimulatorFit:
         classifier = freeze(classifier.to(self.device))
         used = correctly_classified(classifier, images, labels, self.device, s.batch_size)
         if len(used) == 0:
             raise ValueError("the classifier gets no training image right: nothing to train a simulator on")
         torch.manual_seed(s.seed)
-        simulator = ConditionalUNet(self.arch).to(self.device)
+        simulator = ConditionalUNet(self.arch)
+        if initial_state is not None:
+            simulator.load_state_dict(initial_state)
+        simulator = simulator.to(self.device)
         optimiser = torch.optim.Adam(simulator.parameters(), lr=s.learning_rate)
-        fingerprint = s.fingerprint(self.arch, classifier_sha256, used)
-        checkpoint = self.workdir / "checkpoint.safetensors" if self.workdir else None
-        header = load_checkpoint(checkpoint, simulator, optimiser, fingerprint, self.name)
+        fingerprint = s.fingerprint(self.arch, classifier_sha256, used, initial_state)
+        checkpoint = workdir / "checkpoint.safetensors" if workdir else None
+        header = load_checkpoint(checkpoint, simulator, optimiser, fingerprint, name)
         history = header["history"] if header else []
         start = header["epoch"] + 1 if header else 1
         c_all = directions(labels, positive)
@@ -147,12 +204,12 @@ class SimulatorTrainer:
             simulator.train()
             sums = {k: 0.0 for k in HISTORY_COLUMNS[1:]}
             order = _epoch_order(used, s.seed, epoch)
-            bar = tqdm(list(_batches(order, s.batch_size)), desc=f"{self.name} epoch {epoch}/{s.epochs}",
+            bar = tqdm(list(_batches(order, s.batch_size)), desc=f"{name} epoch {epoch}/{s.epochs}",
                        leave=False, disable=not s.progress, unit="batch")
             for batch in bar:
                 x, m = images[batch].to(self.device), masks[batch].to(self.device)
                 c = c_all[batch].to(self.device)
-                terms, before, after, u = self.step_losses(simulator, classifier, x, m, c, positive)
+                terms, before, after, u = self.step_losses(simulator, classifier, x, m, c, positive, s)
                 terms["loss"].mean().backward()
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
@@ -164,16 +221,16 @@ class SimulatorTrainer:
                 sums["folded_fraction"] += sum(folded_fraction(u.detach()[i:i + 1], m[i:i + 1]) for i in range(len(batch)))
             row = {"epoch": epoch, **{k: v / len(used) for k, v in sums.items()}}
             history.append(row)
-            LOG.info("%s epoch %d/%d: %s", self.name, epoch, s.epochs,
+            LOG.info("%s epoch %d/%d: %s", name, epoch, s.epochs,
                      ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
-            if self.workdir:
+            if workdir:
                 save_checkpoint(checkpoint, simulator, optimiser, {"epoch": epoch, "history": history,
                                                                    "fingerprint": fingerprint})
-                write_history(self.workdir / "history.tsv", history, HISTORY_COLUMNS)
+                write_history(workdir / "history.tsv", history, HISTORY_COLUMNS)
             if self._collapsed(simulator, images, masks, used, c_all):
                 collapsed = epoch
                 LOG.warning("%s: after epoch %d the simulator gives every input the same field; stopping. "
-                            "Use another --learning-rate (now %g) or --seed.", self.name, epoch, s.learning_rate)
+                            "Use another --learning-rate (now %g) or --seed.", name, epoch, s.learning_rate)
                 break
         simulator.eval()
         return SimulatorFit(simulator.cpu(), history, used, collapsed)

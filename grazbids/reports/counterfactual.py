@@ -180,6 +180,7 @@ def _training_rows(card: dict) -> list[tuple[str, object]]:
         rows.append(("epochs run (of requested)", f"{training['epochs_run']} (of {training.get('epochs', '?')})"))
     for key, label in (("learning_rate", "learning rate"), ("batch_size", "batch size"), ("margin", "hinge margin"),
                        ("smoothness_penalty", "smoothness penalty"), ("smoothness_weight", "smoothness weight"), ("cycle_weight", "cycle weight"),
+                       ("displacement_weight", "displacement weight"), ("displacement_epochs", "epochs with it"),
                        ("seed", "seed")):
         if key in training:
             rows.append((label, training[key]))
