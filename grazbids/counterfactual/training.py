@@ -7,6 +7,10 @@ Only correctly classified images are used (Liu et al.): every control is trained
 c = +1 (inject), every patient with c = -1 (remove); the cycle term sends the result
 back with -c. The classifier's weights never change (requires_grad off, eval mode);
 gradients flow through it into the warped image only.
+
+Two phases by default: the last quarter of the epochs continues the simulator with a
+penalty on the displacement itself, which removes a shift of the whole brain that the
+first phase adds (docs/counterfactual.md, "Session 8").
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ from .network import ConditionalUNet, SimulatorArchitecture
 from .warp import folded_fraction, warp
 
 LOG = logging.getLogger("grazbids.counterfactual")
-HISTORY_COLUMNS = ("epoch", "loss", "hinge", "smoothness", "cycle", "displacement", "flip_fraction", "mean_displacement_voxels",
-                   "folded_fraction")
+HISTORY_COLUMNS = ("epoch", "loss", "hinge", "smoothness", "cycle", "displacement", "flip_fraction",
+                   "mean_displacement_voxels", "folded_fraction")
 
 
 # The squared strains of a decision-changing warp are ~1e-5 to 1e-4 per voxel: the l2 weight
