@@ -169,10 +169,11 @@ def test_displacement_charges_the_uniform_shift_that_smoothness_does_not():
 
 
 def test_the_displacement_term_runs_as_a_second_phase_and_leaves_earlier_fingerprints():
-    first, second = SimulatorSettings(epochs=16).phases()
+    assert len(SimulatorSettings(epochs=16).phases()) == 1  # off by default
+    first, second = SimulatorSettings(epochs=16, displacement_weight=10.0).phases()
     assert (first.epochs, first.displacement_weight, second.epochs, second.displacement_weight) == (12, 0.0, 4, 10.0)
-    assert [p.epochs for p in SimulatorSettings(epochs=30, displacement_epochs=10).phases()] == [20, 10]
-    assert len(SimulatorSettings(epochs=3).phases()) == 1  # a quarter of 3 epochs is none
+    assert [p.epochs for p in SimulatorSettings(epochs=30, displacement_epochs=10, displacement_weight=1).phases()] == [20, 10]
+    assert len(SimulatorSettings(epochs=3, displacement_weight=10.0).phases()) == 1  # a quarter of 3 epochs is none
     assert len(SimulatorSettings(epochs=16, displacement_weight=0.0).phases()) == 1
     only = SimulatorSettings(epochs=16, displacement_weight=0.0).phases()[0]
     assert (only.epochs, only.displacement_weight) == (16, 0.0)

@@ -245,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "gradient-ascent steps per class (default 200, about 1 s each at 2 mm on a CPU)")
     dl.add_argument("--counterfactual", type=_positive_int, nargs="?", const=30, default=0, metavar="EPOCHS",
                     help="group level: after training, a counterfactual warp simulator (Liu et al. 2021) against "
-                         "each mode's final model, EPOCHS epochs (default 30; the last quarter with a penalty on "
-                         "the displacement itself, which removes a shift of the whole brain), saved in the model bundle "
+                         "each mode's final model, EPOCHS epochs (default 30), saved in the model bundle "
                          "(model/simulator/); group-mean log-Jacobian maps per class and direction in "
                          "group/mode-<mode>/counterfactual/ (per region with --atlas). Participant level with a "
                          "--model that holds a simulator: simulated images and log-Jacobian maps per participant")
