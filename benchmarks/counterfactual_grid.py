@@ -23,8 +23,11 @@ with 40 participants no setting learned it). The classifier and simulator checkp
 live under ``--work``: a rerun resumes, and another simulator setting reuses the
 classifier.
 
-    python benchmarks/counterfactual_grid.py --sim-epochs 6 --margin 12 [--smoothness l1|l2] [--cycle-weight 1] \
-        [--objective-check] [--figure F.png]
+    python benchmarks/counterfactual_grid.py --sim-epochs 16 --margin 12 [--smoothness l1|l2] [--cycle-weight 1] \
+        [--displacement-weight 10] [--seed S --work DIR] [--objective-check] [--figure F.png]
+
+The summary also gives the mean inject field inside the brain (a shift of the whole brain),
+the flip fraction per direction and the classifiers' median log-odds before the warp.
 """
 from __future__ import annotations
 
