@@ -170,16 +170,19 @@ class SimulatorTrainer:
         initialisation. Runs the phases of the settings; the second one (displacement term)
         continues the first one's simulator, checkpointed in ``<workdir>/displacement``."""
         first, *rest = self.settings.phases()
-        fit = self._fit_phase(first, self.workdir, self.name, classifier, images, masks, labels, positive,
+        classifier = freeze(classifier.to(self.device))
+        used = correctly_classified(classifier, images, labels, self.device, first.batch_size)
+        if len(used) == 0:
+            raise ValueError("the classifier gets no training image right: nothing to train a simulator on")
+        fit = self._fit_phase(first, self.workdir, self.name, classifier, images, masks, labels, used, positive,
                               classifier_sha256, initial_state)
         if not rest or fit.collapsed_epoch is not None:
             return fit
         LOG.info("%s: %d more epoch(s) with the displacement term (weight %g)", self.name, rest[0].epochs,
                  rest[0].displacement_weight)
-        state = {k: v.clone() for k, v in fit.simulator.state_dict().items()}
         second = self._fit_phase(rest[0], self.workdir / "displacement" if self.workdir else None,
-                                 f"{self.name} (displacement)", classifier, images, masks, labels, positive,
-                                 classifier_sha256, state)
+                                 f"{self.name} (displacement)", classifier, images, masks, labels, used, positive,
+                                 classifier_sha256, fit.simulator.state_dict())
         history = fit.history + [{**row, "epoch": row["epoch"] + first.epochs} for row in second.history]
         if self.workdir:
             write_history(self.workdir / "history.tsv", history, HISTORY_COLUMNS)
@@ -187,11 +190,8 @@ class SimulatorTrainer:
         return SimulatorFit(second.simulator, history, second.used_index, collapsed)
 
     def _fit_phase(self, s: SimulatorSettings, workdir: Path | None, name: str, classifier, images, masks, labels,
-                   positive, classifier_sha256, initial_state) -> SimulatorFit:
-        classifier = freeze(classifier.to(self.device))
-        used = correctly_classified(classifier, images, labels, self.device, s.batch_size)
-        if len(used) == 0:
-            raise ValueError("the classifier gets no training image right: nothing to train a simulator on")
+                   used, positive, classifier_sha256, initial_state) -> SimulatorFit:
+        """One phase on the correctly classified images ``used``; ``classifier`` frozen."""
         torch.manual_seed(s.seed)
         simulator = ConditionalUNet(self.arch)
         if initial_state is not None:
