@@ -24,10 +24,12 @@ live under ``--work``: a rerun resumes, and another simulator setting reuses the
 classifier.
 
     python benchmarks/counterfactual_grid.py --sim-epochs 16 --margin 12 [--smoothness l1|l2] [--cycle-weight 1] \
-        [--displacement-weight 10] [--seed S --work DIR] [--objective-check] [--figure F.png]
+        [--displacement-weight 10] [--centre-field] [--seed S --work DIR] [--objective-check] [--figure F.png]
 
 The summary also gives the mean inject field inside the brain (a shift of the whole brain),
 the flip fraction per direction and the classifiers' median log-odds before the warp.
+``--centre-field`` measures the command line's default (session 9): the last
+``--second-phase-epochs`` (a quarter) continue with the field centred in the brain.
 """
 from __future__ import annotations
 
@@ -94,9 +96,9 @@ def main() -> None:
     p.add_argument("--smoothness-weight", type=float, default=None, help="default: the simulator's for the penalty")
     p.add_argument("--cycle-weight", type=float, default=1.0)
     p.add_argument("--displacement-weight", type=float, default=SimulatorSettings.displacement_weight,
-                   help="x mean squared displacement (voxels^2) in the last --displacement-epochs (default %(default)s; "
-                        "0: one phase without it)")
-    p.add_argument("--displacement-epochs", type=int, default=None, help="default: a quarter of --sim-epochs")
+                   help="x mean squared displacement (voxels^2) in the second phase (default %(default)s)")
+    p.add_argument("--second-phase-epochs", type=int, default=None,
+                   help="with --centre-field or --displacement-weight: default a quarter of --sim-epochs")
     p.add_argument("--diffeomorphic", action="store_true")
     p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                    help="start the simulator from the weights of another run's checkpoint (a folder under --work)")
@@ -105,6 +107,8 @@ def main() -> None:
     p.add_argument("--augment-voxels", type=float, default=1.5, help="their displacement scale (voxels, s.d.)")
     p.add_argument("--hold-outline", type=int, default=0, metavar="VOXELS",
                    help="the field fades to 0 within VOXELS inside the brain's outline (0: off)")
+    p.add_argument("--centre-field", action="store_true",
+                   help="subtract the field's mean inside the brain in a second phase (no shift of the whole brain)")
     p.add_argument("--work", type=Path, default=Path("/tmp/cf_grid"))
     p.add_argument("--figure", type=Path, default=None, help="PNG: group-mean inject log-Jacobian beside the truth")
     p.add_argument("--objective-check", action="store_true",
@@ -160,19 +164,19 @@ def main() -> None:
 
     started = time.perf_counter()
     arch = SimulatorArchitecture(grid, field_downsample=1, diffeomorphic=args.diffeomorphic,
-                                 hold_outline_voxels=args.hold_outline)
+                                 hold_outline_voxels=args.hold_outline, centre_field=args.centre_field)
     sim_settings = SimulatorSettings(epochs=args.sim_epochs, batch_size=2, learning_rate=args.sim_learning_rate,
                                      margin=args.margin, smoothness_penalty=args.smoothness,
                                      smoothness_weight=args.smoothness_weight,
                                      cycle_weight=args.cycle_weight, displacement_weight=args.displacement_weight,
-                                     displacement_epochs=args.displacement_epochs, device="cpu", progress=False)
+                                     second_phase_epochs=args.second_phase_epochs, device="cpu", progress=False)
     tag = "_".join(part for part in (
         f"aug{args.augment_copies}_{args.augment_voxels:g}" if args.augment_copies else "",
         f"m{args.margin:g}_s{sim_settings.smoothness_weight:g}_c{args.cycle_weight:g}_lr{args.sim_learning_rate:g}",
         f"d{args.displacement_weight:g}" if args.displacement_weight else "",
-        f"de{args.displacement_epochs}" if args.displacement_epochs is not None else "",
+        f"de{args.second_phase_epochs}" if args.second_phase_epochs is not None else "",
         "l2" if args.smoothness == "l2" else "", "diffeo" if args.diffeomorphic else "",
-        f"hold{args.hold_outline}" if args.hold_outline else "",
+        f"hold{args.hold_outline}" if args.hold_outline else "", "centre" if args.centre_field else "",
         f"from-{args.init_from.name}" if args.init_from else "") if part)
     initial = simulator_weights(args.init_from / "checkpoint.safetensors") if args.init_from else None
     fit = SimulatorTrainer(arch, sim_settings, args.work / f"simulator_{tag}").fit(

@@ -1,6 +1,7 @@
 """Counterfactual warp simulator (grazbids.counterfactual): warps, Jacobians, conditional
 convolution, losses, training against a frozen classifier, bundles and their errors."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -168,17 +169,19 @@ def test_displacement_charges_the_uniform_shift_that_smoothness_does_not():
     assert torch.allclose(displacement(shift), torch.tensor([0.25, 4.0]))
 
 
-def test_the_displacement_term_runs_as_a_second_phase_and_leaves_earlier_fingerprints():
-    assert len(SimulatorSettings(epochs=16).phases()) == 1  # off by default
+def test_centring_or_the_displacement_term_run_as_a_second_phase_and_leave_earlier_fingerprints():
+    assert len(SimulatorSettings(epochs=16).phases()) == 1  # neither: one phase, as the paper
     first, second = SimulatorSettings(epochs=16, displacement_weight=10.0).phases()
     assert (first.epochs, first.displacement_weight, second.epochs, second.displacement_weight) == (12, 0.0, 4, 10.0)
-    assert [p.epochs for p in SimulatorSettings(epochs=30, displacement_epochs=10, displacement_weight=1).phases()] == [20, 10]
+    assert [p.epochs for p in SimulatorSettings(epochs=16).phases(centred=True)] == [12, 4]
+    assert [p.displacement_weight for p in SimulatorSettings(epochs=16).phases(centred=True)] == [0.0, 0.0]
+    assert [p.epochs for p in SimulatorSettings(epochs=30, second_phase_epochs=10, displacement_weight=1).phases()] == [20, 10]
     assert len(SimulatorSettings(epochs=3, displacement_weight=10.0).phases()) == 1  # a quarter of 3 epochs is none
-    assert len(SimulatorSettings(epochs=16, displacement_weight=0.0).phases()) == 1
+    assert len(SimulatorSettings(epochs=16, second_phase_epochs=0).phases(centred=True)) == 1
     only = SimulatorSettings(epochs=16, displacement_weight=0.0).phases()[0]
     assert (only.epochs, only.displacement_weight) == (16, 0.0)
-    for bad in ({"displacement_epochs": 16}, {"displacement_epochs": -1}, {"displacement_weight": -1.0}):
-        with pytest.raises(ValueError, match="displacement"):
+    for bad in ({"second_phase_epochs": 16}, {"second_phase_epochs": -1}, {"displacement_weight": -1.0}):
+        with pytest.raises(ValueError, match="second-phase|displacement"):
             SimulatorSettings(epochs=16, **bad)
     # the first phase is the one-phase training of before the option: its checkpoints resume
     arch, index = SimulatorArchitecture(SHAPE), np.arange(3)
@@ -257,7 +260,7 @@ def test_gradients_reach_the_simulator_and_never_change_the_classifier(trained_c
 
 def test_the_second_phase_continues_the_first_with_the_displacement_term(trained_classifier, tmp_path):
     model, images, masks, labels = trained_classifier
-    settings = SimulatorSettings(epochs=3, displacement_epochs=1, displacement_weight=10.0, batch_size=4,
+    settings = SimulatorSettings(epochs=3, second_phase_epochs=1, displacement_weight=10.0, batch_size=4,
                                  learning_rate=3e-3, progress=False, device="cpu")
     fit = SimulatorTrainer(_arch(), settings, tmp_path).fit(model, images, masks, labels, 1, "x")
     assert [row["epoch"] for row in fit.history] == [1, 2, 3]
@@ -266,12 +269,30 @@ def test_the_second_phase_continues_the_first_with_the_displacement_term(trained
         weight = 10.0 if row["epoch"] == 3 else 0.0
         assert row["loss"] == pytest.approx(rest + weight * row["displacement"], rel=1e-4)
         assert row["displacement"] > 0
-    assert (tmp_path / "displacement" / "checkpoint.safetensors").exists()
+    assert (tmp_path / "second_phase" / "checkpoint.safetensors").exists()
     assert (tmp_path / "history.tsv").read_text().count("\n") == 4  # header + both phases
     # the first phase alone is the same training as without the option
-    alone = SimulatorSettings(**{**settings.__dict__, "epochs": 2, "displacement_epochs": 0, "displacement_weight": 0})
+    alone = SimulatorSettings(**{**settings.__dict__, "epochs": 2, "second_phase_epochs": 0, "displacement_weight": 0})
     first = SimulatorTrainer(_arch(), alone).fit(model, images, masks, labels, 1, "x")
     assert first.history == fit.history[:2]
+
+
+def test_a_centred_simulator_trains_uncentred_first_then_centred(trained_classifier, tmp_path):
+    model, images, masks, labels = trained_classifier
+    settings = SimulatorSettings(epochs=3, second_phase_epochs=1, batch_size=4, learning_rate=3e-3,
+                                 progress=False, device="cpu")
+    centred = _arch(centre_field=True)
+    fit = SimulatorTrainer(centred, settings, tmp_path).fit(model, images, masks, labels, 1, "x")
+    assert fit.simulator.arch.centre_field and [row["epoch"] for row in fit.history] == [1, 2, 3]
+    # the first phase is the uncentred training (same checkpoints), the second starts from its weights
+    free = SimulatorTrainer(replace(centred, centre_field=False), replace(settings, epochs=2)).fit(
+        model, images, masks, labels, 1, "x")
+    assert free.history == fit.history[:2]
+    with torch.no_grad():
+        u = fit.simulator(images[:2], torch.tensor([1.0, -1.0]), masks[:2])
+    for b in range(2):
+        assert float(u[b][:, masks[b, 0] > 0.5].mean(dim=1).abs().max()) < 1e-5
+    assert (tmp_path / "second_phase" / "checkpoint.safetensors").exists()
 
 
 def test_a_held_outline_keeps_the_field_zero_outside_and_at_the_brain_edge():
@@ -291,6 +312,33 @@ def test_a_held_outline_keeps_the_field_zero_outside_and_at_the_brain_edge():
     # off by default, and then absent from the card: earlier fingerprints and bundles stay valid
     assert "hold_outline_voxels" not in _arch().to_dict()
     assert SimulatorArchitecture.from_dict(arch.to_dict()) == arch
+
+
+@pytest.mark.parametrize("diffeomorphic,downsample", [(False, 1), (True, 2)])
+def test_a_centred_field_cannot_shift_the_brain_and_keeps_its_jacobian(diffeomorphic, downsample):
+    torch.manual_seed(0)
+    brain = torch.zeros(2, 1, 16, 16, 16)
+    brain[0, :, 3:13, 3:13, 3:13] = 1
+    brain[1, :, 5:11, 2:14, 4:12] = 1
+    shared = dict(channels=(4, 8), n_experts=2, field_downsample=downsample, diffeomorphic=diffeomorphic)
+    free = ConditionalUNet(SimulatorArchitecture((16, 16, 16), **shared))
+    torch.nn.init.normal_(free.head.weight, std=0.1)
+    torch.nn.init.constant_(free.head.bias, 0.5)  # a shift of the whole image
+    centred = ConditionalUNet(SimulatorArchitecture((16, 16, 16), centre_field=True, **shared))
+    centred.load_state_dict(free.state_dict())
+    x, c = torch.rand(2, 1, 16, 16, 16) * brain, torch.tensor([1.0, -1.0])
+    u_free, u = free(x, c, brain).detach(), centred(x, c, brain).detach()
+    for b in range(2):  # each sample's own brain: mean displacement 0, by a constant difference
+        inside = brain[b, 0] > 0
+        assert float(u_free[b][:, inside].mean(dim=1).abs().max()) > 0.1
+        assert float(u[b][:, inside].mean(dim=1).abs().max()) < 1e-5
+        difference = (u_free[b] - u[b]).flatten(1)
+        assert float((difference - difference[:, :1]).abs().max()) < 1e-5
+    assert torch.allclose(log_volume_change(u), log_volume_change(u_free), atol=1e-5)
+    with pytest.raises(ValueError, match="needs the brain mask"):
+        centred(x, c)
+    assert "centre_field" not in _arch().to_dict()
+    assert SimulatorArchitecture.from_dict(centred.arch.to_dict()) == centred.arch
 
 
 @pytest.mark.slow
@@ -356,7 +404,8 @@ def test_bundle_round_trip_and_mismatched_classifier(trained_classifier, tmp_pat
     with torch.no_grad():
         fresh = ConditionalUNet(SimulatorArchitecture.from_dict(card["architecture"]))
         fresh.load_state_dict(sim.state_dict())
-        assert torch.equal(sim(images[:2], c), fresh(images[:2], c))
+        assert torch.equal(sim(images[:2], c, masks[:2]), fresh(images[:2], c, masks[:2]))
+    assert card["architecture"]["centre_field"] and card["training"]["epochs_per_phase"] == [1]  # a quarter of 1: 0
     # another classifier (retrained: other weights) in the same folder is refused
     other = build_model(model.arch)
     save_bundle(tmp_path / "other", other, _card(model.arch.input_shape))
@@ -431,7 +480,7 @@ def test_cli_apply_writes_everything_and_errors_have_exit_codes(trained_classifi
     with pytest.raises(SystemExit) as exit_info:
         cf_main(["train", str(bundle), str(tmp_path), str(tmp_path), "--epochs", "0"])
     assert exit_info.value.code == 64
-    for bad in (["--displacement-epochs", "4"], ["--displacement-weight", "-1"]):
+    for bad in (["--second-phase-epochs", "4"], ["--displacement-epochs", "4"], ["--displacement-weight", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
             cf_main(["train", str(bundle), str(tmp_path), str(tmp_path), "--epochs", "4", *bad])
         assert exit_info.value.code == 64

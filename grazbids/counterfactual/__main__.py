@@ -62,13 +62,16 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"default {DEFAULT_SMOOTHNESS_WEIGHT['l2']:g} for l2, {DEFAULT_SMOOTHNESS_WEIGHT['l1']:g} for l1")
     t.add_argument("--cycle-weight", type=float, default=d.cycle_weight, help="default %(default)s")
     t.add_argument("--displacement-weight", type=float, default=d.displacement_weight,
-                   help="> 0: the last --displacement-epochs continue the simulator with this weight x the mean "
-                        "squared displacement, which removes a shift of the whole brain that the smoothness penalty "
-                        "does not charge (10 raised r with the true atrophy on two of three classifiers and stopped "
-                        "the warp flipping decisions on the third: check the flip fraction; default %(default)s: "
-                        "one phase, as the paper)")
-    t.add_argument("--displacement-epochs", type=int, default=None,
-                   help="epochs with the displacement term, counted in --epochs (default: a quarter of them)")
+                   help="> 0: the second phase adds this weight x the mean squared displacement (voxels^2); it "
+                        "stopped the warp flipping decisions on one of three classifiers, so check the flip "
+                        "fraction (default %(default)s)")
+    t.add_argument("--centre-field", action=argparse.BooleanOptionalAction, default=True,
+                   help="subtract the field's mean inside the brain in the second phase and after training, so the "
+                        "warp cannot flip decisions by shifting the whole brain, which no smoothness penalty charges "
+                        "(default on; --no-centre-field: one phase, as the paper)")
+    t.add_argument("--second-phase-epochs", "--displacement-epochs", dest="second_phase_epochs", type=int,
+                   default=None, help="epochs of the second phase (centred field, displacement term), counted in "
+                                      "--epochs (default: a quarter of them)")
     t.add_argument("--diffeomorphic", action="store_true",
                    help="stationary velocity integrated by scaling and squaring (no folding)")
     t.add_argument("--field-downsample", type=int, default=2,
@@ -107,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 _positive(getattr(args, name), "--" + name.replace("_", "-"), parser)
             if args.displacement_weight < 0:
                 parser.error(f"--displacement-weight must be >= 0, got {args.displacement_weight}")
-            if args.displacement_epochs is not None and not 0 <= args.displacement_epochs < args.epochs:
-                parser.error(f"--displacement-epochs must be from 0 to --epochs - 1, got {args.displacement_epochs}")
+            if args.second_phase_epochs is not None and not 0 <= args.second_phase_epochs < args.epochs:
+                parser.error(f"--second-phase-epochs must be from 0 to --epochs - 1, got {args.second_phase_epochs}")
             from .cohort import load_training_images
             from .run import check_classifier_card
 
@@ -120,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                                          smoothness_penalty=args.smoothness, smoothness_weight=args.smoothness_weight,
                                          cycle_weight=args.cycle_weight,
                                          displacement_weight=args.displacement_weight,
-                                         displacement_epochs=args.displacement_epochs,
+                                         second_phase_epochs=args.second_phase_epochs,
                                          seed=args.seed, device=args.device)
             out = train_simulator(args.bundle, images, masks, labels, settings, positive_class=args.positive_class,
-                                  diffeomorphic=args.diffeomorphic, field_downsample=args.field_downsample,
+                                  diffeomorphic=args.diffeomorphic, centre_field=args.centre_field,
+                                  field_downsample=args.field_downsample,
                                   workdir=args.work_dir,
                                   training_data={"bids_dir": str(args.bids_dir.resolve()),
                                                  "participants": participants})

@@ -32,6 +32,10 @@ class SimulatorArchitecture:
     # brain's outline, so the warp cannot move the brain against its background (measured:
     # without it the simulator flipped decisions by moving the outline; docs/counterfactual.md)
     hold_outline_voxels: int = 0
+    # True: the field's mean inside the brain is subtracted, so the warp cannot shift the whole
+    # brain: the one deformation that neither smoothness penalty charges (grad u = 0), which the
+    # simulator used to flip decisions (docs/counterfactual.md, "Session 9")
+    centre_field: bool = False
 
     def check(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
@@ -45,8 +49,9 @@ class SimulatorArchitecture:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_shape"], d["channels"] = list(self.input_shape), list(self.channels)
-        if not self.hold_outline_voxels:  # cards and checkpoint fingerprints of earlier versions stay valid
-            del d["hold_outline_voxels"]
+        for option in ("hold_outline_voxels", "centre_field"):  # cards and checkpoint fingerprints of
+            if not d[option]:                                      # earlier versions stay valid
+                del d[option]
         return d
 
     @classmethod
@@ -101,22 +106,30 @@ class ConditionalUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, brain: torch.Tensor | None = None) -> torch.Tensor:
         """Displacement field (B, 3, D, H, W) in voxels of x; c: (B,) of +1/-1; ``brain``
-        (B, 1, D, H, W) the brain masks, needed with ``hold_outline_voxels``."""
+        (B, 1, D, H, W) the brain masks, needed with ``hold_outline_voxels`` or ``centre_field``."""
         factor = self.arch.field_downsample
         small = F.avg_pool3d(x, factor, ceil_mode=True) if factor > 1 else x
         field = self._unet(small, c)
+        if (self.arch.hold_outline_voxels or self.arch.centre_field) and brain is None:
+            raise ValueError("this simulator holds the brain outline or centres its field: it needs the brain mask")
         if self.arch.hold_outline_voxels:
-            if brain is None:
-                raise ValueError("this simulator holds the brain outline: it needs the brain mask")
-            brain = brain.to(x.dtype)
+            small_brain = brain.to(x.dtype)
             if factor > 1:  # on the U-Net's grid
-                brain = F.avg_pool3d(brain, factor, ceil_mode=True)
-            field = field * interior_weight(brain, self.arch.hold_outline_voxels)
+                small_brain = F.avg_pool3d(small_brain, factor, ceil_mode=True)
+            field = field * interior_weight(small_brain, self.arch.hold_outline_voxels)
         if self.arch.diffeomorphic:
             field = integrate_velocity(field, self.arch.integration_steps)
         if factor > 1:  # displacements are in voxels: scale them with the grid
             field = F.interpolate(field, size=x.shape[2:], mode="trilinear", align_corners=True) * factor
+        if self.arch.centre_field:  # after integration: a constant shift keeps det(I + grad u) as it is
+            field = field - brain_mean(field, brain.to(x.dtype))
         return field
+
+
+def brain_mean(field: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 1, 1, 1): the mean of each displacement component inside each brain mask."""
+    weight = (brain > 0.5).to(field.dtype)
+    return (field * weight).sum(dim=(2, 3, 4), keepdim=True) / weight.sum(dim=(2, 3, 4), keepdim=True).clamp_min(1.0)
 
 
 def interior_weight(brain: torch.Tensor, margin: int) -> torch.Tensor:

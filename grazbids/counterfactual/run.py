@@ -70,7 +70,8 @@ def default_workdir(bundle: Path) -> Path:
 
 def train_simulator(bundle: str | Path, images: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                     settings: SimulatorSettings, *, positive_class: str | None = None, diffeomorphic: bool = False,
-                    field_downsample: int = 2, channels: tuple[int, ...] = (8, 16, 32), n_experts: int = 3,
+                    centre_field: bool = True, field_downsample: int = 2, channels: tuple[int, ...] = (8, 16, 32),
+                    n_experts: int = 3,
                     workdir: str | Path | None = None, training_data: dict | None = None) -> Path:
     """Train against the bundle's classifier; ``images`` as load_input gives them (not yet masked).
     Writes ``bundle/simulator/``; returns that folder."""
@@ -83,7 +84,8 @@ def train_simulator(bundle: str | Path, images: torch.Tensor, masks: torch.Tenso
     if card["mode"] == "masked":
         images = images * masks
     arch = SimulatorArchitecture(tuple(card["input"]["grid_shape"]), channels=tuple(channels), n_experts=n_experts,
-                                 field_downsample=field_downsample, diffeomorphic=diffeomorphic)
+                                 field_downsample=field_downsample, diffeomorphic=diffeomorphic,
+                                 centre_field=centre_field)
     trainer = SimulatorTrainer(arch, settings, workdir or default_workdir(bundle))
     fit = trainer.fit(classifier, images, masks, labels, positive, sha)
     last = fit.history[-1] if fit.history else {}
@@ -95,6 +97,7 @@ def train_simulator(bundle: str | Path, images: torch.Tensor, masks: torch.Tenso
                        "target_column": card.get("target_column")},
         "input": dict(card["input"]),
         "training": {**{k: v for k, v in asdict(settings).items() if k not in ("progress", "device")},
+                     "epochs_per_phase": [p.epochs for p in settings.phases(centre_field)],
                      "n_images": len(labels), "n_correctly_classified_used": int(len(fit.used_index)),
                      "n_inject": int((labels[fit.used_index] != positive).sum()),
                      "n_remove": int((labels[fit.used_index] == positive).sum()),

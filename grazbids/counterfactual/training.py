@@ -8,9 +8,11 @@ c = +1 (inject), every patient with c = -1 (remove); the cycle term sends the re
 back with -c. The classifier's weights never change (requires_grad off, eval mode);
 gradients flow through it into the warped image only.
 
-With ``displacement_weight`` > 0, two phases: the last epochs continue the simulator with
-a penalty on the displacement itself, which removes a shift of the whole brain that the
-first phase adds (docs/counterfactual.md, "Session 8"; not the default).
+With a centred field (SimulatorArchitecture.centre_field, the command line's default) or
+``displacement_weight`` > 0, two phases: the last epochs continue the simulator with its
+field centred in the brain (and/or a penalty on the displacement itself), which removes
+a shift of the whole brain that the first phase adds (docs/counterfactual.md, "Session 8"
+and "Session 9").
 """
 from __future__ import annotations
 
@@ -53,14 +55,15 @@ class SimulatorSettings:
     smoothness_penalty: str = "l2"  # "l1" is the paper's; it found adversarial warps (docs/counterfactual.md)
     smoothness_weight: float | None = None  # None: DEFAULT_SMOOTHNESS_WEIGHT of the penalty
     cycle_weight: float = 1.0
-    # > 0: the last ``displacement_epochs`` epochs (default: a quarter, none under 4 epochs) continue the
-    # simulator with a fresh optimiser and this weight x the mean squared displacement (voxels^2). Without it
-    # the simulator added a ~1 voxel shift of the whole brain, which no smoothness penalty charges; from the
-    # start it kept the field at the identity. Weight 10 in a second phase: r 0.36 -> 0.66 and 0.40 -> 0.54 on two
-    # classifiers, but on a third the warp stopped flipping decisions (r 0.37 -> 0.00), so it is not the
-    # default (docs/counterfactual.md, "Session 8"). 0: one phase, as the paper.
+    # > 0: the second phase adds this weight x the mean squared displacement (voxels^2). Weight 10 in a second
+    # phase: r 0.36 -> 0.66 and 0.40 -> 0.54 on two classifiers, but on a third the warp stopped flipping
+    # decisions (r 0.37 -> 0.00), so it is not the default (docs/counterfactual.md, "Session 8").
     displacement_weight: float = 0.0
-    displacement_epochs: int | None = None
+    # The last epochs run as a second phase, continuing the first phase's simulator with a fresh optimiser,
+    # when the simulator centres its field (SimulatorArchitecture.centre_field: from the identity a centred
+    # field did not learn; the first phase's shift of the whole brain is what gets the U-Net moving) or
+    # displacement_weight > 0. None: a quarter of the epochs.
+    second_phase_epochs: int | None = None
     seed: int = 42
     device: str = "auto"
     progress: bool = True
@@ -72,24 +75,23 @@ class SimulatorSettings:
             self.smoothness_weight = DEFAULT_SMOOTHNESS_WEIGHT[self.smoothness_penalty]
         if self.displacement_weight < 0:
             raise ValueError(f"displacement weight must be >= 0, got {self.displacement_weight}")
-        if self.displacement_epochs is None:
-            self.displacement_epochs = self.epochs // 4 if self.displacement_weight else 0
-        if not 0 <= self.displacement_epochs < self.epochs:
-            raise ValueError(f"displacement epochs must be from 0 to epochs - 1 ({self.epochs - 1}), "
-                             f"got {self.displacement_epochs}")
+        if self.second_phase_epochs is not None and not 0 <= self.second_phase_epochs < self.epochs:
+            raise ValueError(f"second-phase epochs must be from 0 to epochs - 1 ({self.epochs - 1}), "
+                             f"got {self.second_phase_epochs}")
 
-    def phases(self) -> list["SimulatorSettings"]:
-        """The settings of each training phase: without the displacement term, then (when its
-        weight and epochs are > 0) with it, for its epochs."""
-        second = self.displacement_epochs
-        if self.displacement_weight == 0 or second == 0:
-            return [replace(self, displacement_weight=0.0, displacement_epochs=0)]
-        return [replace(self, epochs=self.epochs - second, displacement_weight=0.0, displacement_epochs=0),
-                replace(self, epochs=second, displacement_epochs=0)]
+    def phases(self, centred: bool = False) -> list["SimulatorSettings"]:
+        """The settings of each training phase: one, unless the field is ``centred`` or the
+        displacement weight is > 0; then a first phase without the displacement term and a
+        second one with it (and the centring) for the last epochs."""
+        second = self.epochs // 4 if self.second_phase_epochs is None else self.second_phase_epochs
+        if not (centred or self.displacement_weight) or second == 0:
+            return [replace(self, displacement_weight=0.0, second_phase_epochs=0)]
+        return [replace(self, epochs=self.epochs - second, displacement_weight=0.0, second_phase_epochs=0),
+                replace(self, epochs=second, second_phase_epochs=0)]
 
     def fingerprint(self, arch: SimulatorArchitecture, classifier_sha256: str, index: np.ndarray,
                     initial_state: dict | None = None) -> str:
-        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "displacement_epochs", "progress", "device")}
+        keys = {k: v for k, v in asdict(self).items() if k not in ("epochs", "second_phase_epochs", "progress", "device")}
         if keys["smoothness_penalty"] == "l1":  # checkpoints from before the option stay resumable
             del keys["smoothness_penalty"]
         if keys["displacement_weight"] == 0.0:  # likewise from before that option
@@ -167,21 +169,22 @@ class SimulatorTrainer:
             positive: int, classifier_sha256: str, initial_state: dict | None = None) -> SimulatorFit:
         """images (N, 1, D, H, W) as the classifier sees them, masks (N, 1, ...) brain masks;
         ``initial_state``: a simulator's weights to start from instead of the near-identity
-        initialisation. Runs the phases of the settings; the second one (displacement term)
-        continues the first one's simulator, checkpointed in ``<workdir>/displacement``."""
-        first, *rest = self.settings.phases()
+        initialisation. Runs the phases of the settings; of two, the first never centres the field
+        and the second continues its simulator, checkpointed in ``<workdir>/second_phase``."""
+        first, *rest = self.settings.phases(self.arch.centre_field)
+        first_arch = replace(self.arch, centre_field=False) if rest else self.arch
         classifier = freeze(classifier.to(self.device))
         used = correctly_classified(classifier, images, labels, self.device, first.batch_size)
         if len(used) == 0:
             raise ValueError("the classifier gets no training image right: nothing to train a simulator on")
-        fit = self._fit_phase(first, self.workdir, self.name, classifier, images, masks, labels, used, positive,
-                              classifier_sha256, initial_state)
+        fit = self._fit_phase(first, first_arch, self.workdir, self.name, classifier, images, masks, labels, used,
+                              positive, classifier_sha256, initial_state)
         if not rest or fit.collapsed_epoch is not None:
             return fit
-        LOG.info("%s: %d more epoch(s) with the displacement term (weight %g)", self.name, rest[0].epochs,
-                 rest[0].displacement_weight)
-        second = self._fit_phase(rest[0], self.workdir / "displacement" if self.workdir else None,
-                                 f"{self.name} (displacement)", classifier, images, masks, labels, used, positive,
+        LOG.info("%s: %d more epoch(s), field centred in the brain: %s, displacement weight %g", self.name,
+                 rest[0].epochs, self.arch.centre_field, rest[0].displacement_weight)
+        second = self._fit_phase(rest[0], self.arch, self.workdir / "second_phase" if self.workdir else None,
+                                 f"{self.name} (second phase)", classifier, images, masks, labels, used, positive,
                                  classifier_sha256, fit.simulator.state_dict())
         history = fit.history + [{**row, "epoch": row["epoch"] + first.epochs} for row in second.history]
         if self.workdir:
@@ -189,16 +192,16 @@ class SimulatorTrainer:
         collapsed = None if second.collapsed_epoch is None else second.collapsed_epoch + first.epochs
         return SimulatorFit(second.simulator, history, second.used_index, collapsed)
 
-    def _fit_phase(self, s: SimulatorSettings, workdir: Path | None, name: str, classifier, images, masks, labels,
-                   used, positive, classifier_sha256, initial_state) -> SimulatorFit:
+    def _fit_phase(self, s: SimulatorSettings, arch: SimulatorArchitecture, workdir: Path | None, name: str,
+                   classifier, images, masks, labels, used, positive, classifier_sha256, initial_state) -> SimulatorFit:
         """One phase on the correctly classified images ``used``; ``classifier`` frozen."""
         torch.manual_seed(s.seed)
-        simulator = ConditionalUNet(self.arch)
+        simulator = ConditionalUNet(arch)
         if initial_state is not None:
             simulator.load_state_dict(initial_state)
         simulator = simulator.to(self.device)
         optimiser = torch.optim.Adam(simulator.parameters(), lr=s.learning_rate)
-        fingerprint = s.fingerprint(self.arch, classifier_sha256, used, initial_state)
+        fingerprint = s.fingerprint(arch, classifier_sha256, used, initial_state)
         checkpoint = workdir / "checkpoint.safetensors" if workdir else None
         header = load_checkpoint(checkpoint, simulator, optimiser, fingerprint, name)
         history = header["history"] if header else []

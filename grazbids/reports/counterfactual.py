@@ -180,11 +180,12 @@ def _training_rows(card: dict) -> list[tuple[str, object]]:
         rows.append(("epochs run (of requested)", f"{training['epochs_run']} (of {training.get('epochs', '?')})"))
     for key, label in (("learning_rate", "learning rate"), ("batch_size", "batch size"), ("margin", "hinge margin"),
                        ("smoothness_penalty", "smoothness penalty"), ("smoothness_weight", "smoothness weight"), ("cycle_weight", "cycle weight"),
-                       ("displacement_weight", "displacement weight"), ("displacement_epochs", "epochs with it"),
+                       ("displacement_weight", "displacement weight"), ("epochs_per_phase", "epochs per phase"),
                        ("seed", "seed")):
         if key in training:
             rows.append((label, training[key]))
-    for key, label in (("diffeomorphic", "diffeomorphic field"), ("field_downsample", "field downsampling")):
+    for key, label in (("diffeomorphic", "diffeomorphic field"), ("centre_field", "field centred in the brain"),
+                       ("field_downsample", "field downsampling")):
         if key in arch:
             rows.append((label, arch[key]))
     if training.get("collapsed_epoch"):
