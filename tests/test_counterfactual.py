@@ -171,7 +171,7 @@ def test_displacement_charges_the_uniform_shift_that_smoothness_does_not():
 
 def test_centring_or_the_displacement_term_run_as_a_second_phase_and_leave_earlier_fingerprints():
     assert len(SimulatorSettings(epochs=16).phases()) == 1  # neither: one phase, as the paper
-    first, second = SimulatorSettings(epochs=16, displacement_weight=10.0).phases()
+    first, second = SimulatorSettings(epochs=16, displacement_weight=10.0, margin=2.0).phases()
     assert (first.epochs, first.displacement_weight, second.epochs, second.displacement_weight) == (12, 0.0, 4, 10.0)
     assert [p.epochs for p in SimulatorSettings(epochs=16).phases(centred=True)] == [12, 4]
     assert [p.displacement_weight for p in SimulatorSettings(epochs=16).phases(centred=True)] == [0.0, 0.0]
@@ -185,7 +185,7 @@ def test_centring_or_the_displacement_term_run_as_a_second_phase_and_leave_earli
             SimulatorSettings(epochs=16, **bad)
     # the first phase is the one-phase training of before the option: its checkpoints resume
     arch, index = SimulatorArchitecture(SHAPE), np.arange(3)
-    unweighted = "c0d8804603e9832f"  # the fingerprint of SimulatorSettings() before the option (commit 70ecbd5)
+    unweighted = "c0d8804603e9832f"  # the fingerprint of SimulatorSettings() (then margin 2) at commit 70ecbd5
     assert first.fingerprint(arch, "sha", index) == unweighted
     assert second.fingerprint(arch, "sha", index) != unweighted
     state = ConditionalUNet(_arch(SHAPE)).state_dict()

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     t.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam, default %(default)s")
     t.add_argument("--margin", type=float, default=d.margin,
-                   help="required shift of the disease log-odds (hinge margin), default %(default)s")
+                   help="required shift of the disease log-odds (hinge margin); decisions flip only where it "
+                        "exceeds the classifier's |log-odds| (see the flip fraction), default %(default)s")
     t.add_argument("--smoothness", choices=SMOOTHNESS_PENALTIES, default=d.smoothness_penalty,
                    help="field regulariser: mean squared (l2, default) or absolute (l1, the paper's) finite "
                         "differences of the field; l1 let adversarial warps of the brain outline through")
