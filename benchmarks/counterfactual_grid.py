@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-4, help="classifier learning rate")
     p.add_argument("--sim-epochs", type=int, default=16)
     p.add_argument("--sim-learning-rate", type=float, default=1e-3)
-    p.add_argument("--margin", type=float, default=2.0)
+    p.add_argument("--margin", type=float, default=SimulatorSettings.margin)
     p.add_argument("--smoothness", choices=("l1", "l2"), default="l2", help="field regulariser (l1: the paper's)")
     p.add_argument("--smoothness-weight", type=float, default=None, help="default: the simulator's for the penalty")
     p.add_argument("--cycle-weight", type=float, default=1.0)
