@@ -9,6 +9,8 @@ On the 2 mm template grid (97x115x97), batch 2, Graz+ classifier architecture:
                      classifier forward + backward, the cycle pass, Adam)
   sim_step_full      the same with the U-Net at full resolution (--field-downsample 1)
   sim_step_diffeo    the default step with scaling and squaring (7 steps)
+  sim_step_centred   the default step with the field centred in the brain (the second
+                     training phase, and every step of the saved simulator's inference)
   sim_apply          inject + remove for one image under inference_mode (what the
                      participant level runs per participant)
 Times are the minimum over repeats (the machine is noisy); the ratios are what matter.
@@ -100,6 +102,8 @@ def main(argv=None):
     results["sim_step"] = timed(run, args.repeats, sync)
     run_d, _ = simulator_step(classifier, x, mask, c, device, diffeomorphic=True)
     results["sim_step_diffeo"] = timed(run_d, args.repeats, sync)
+    run_c, _ = simulator_step(classifier, x, mask, c, device, centre_field=True)
+    results["sim_step_centred"] = timed(run_c, args.repeats, sync)
     if not args.skip_full:
         run_f, _ = simulator_step(classifier, x, mask, c, device, field_downsample=1)
         results["sim_step_full"] = timed(run_f, args.repeats, sync)
